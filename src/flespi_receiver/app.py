@@ -1,0 +1,82 @@
+"""The aiohttp application: one POST route per stream, the pool in the app context."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from flespi_receiver.config import Settings, mask_url
+from flespi_receiver.health import add_health_routes
+from flespi_receiver.ingest import Limits, StreamEndpoint, error_response
+from flespi_receiver.state import ACCEPTING, POOL, SCHEMA
+
+log = structlog.get_logger("flespi_receiver.app")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def connection_settings(settings: Settings) -> dict[str, str]:
+    """Session settings for every receiver connection."""
+    return {
+        "application_name": "flespi-receiver",
+        "search_path": settings.database.schema_name,
+        # a reply of 200 must survive a database crash, whatever the server's default
+        "synchronous_commit": "on",
+    }
+
+
+def pool_context(settings: Settings, dsn: str) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def pool(app: web.Application) -> AsyncIterator[None]:
+        db = settings.database
+        log.info("connecting", database=mask_url(dsn), pool_size=db.pool_size)
+        app[POOL] = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=db.pool_size,
+            command_timeout=db.command_timeout,
+            server_settings=connection_settings(settings),
+        )
+        try:
+            yield
+        finally:
+            await app[POOL].close()
+
+    return pool
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render aiohttp's own errors (404, 405, 413 ...) as JSON with a reason, never a traceback."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(
+            exc.status,
+            exc.reason,
+            **{k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")},
+        )
+
+
+def create_app(settings: Settings, dsn: str) -> web.Application:
+    """Build the application; nothing is connected until it starts."""
+    app = web.Application(client_max_size=settings.server.max_body_size, middlewares=[json_errors])
+    app[ACCEPTING] = asyncio.Event()
+    app[ACCEPTING].set()
+    app[SCHEMA] = settings.database.schema_name
+    add_health_routes(app)
+    app.cleanup_ctx.append(pool_context(settings, dsn))
+    limits = Limits(settings.server.max_body_size, settings.server.body_timeout)
+
+    for stream in settings.streams:
+        if not stream.authorization:
+            log.warning("stream accepts anonymous batches", stream=stream.name, path=stream.path)
+        endpoint = StreamEndpoint(stream, limits, settings.database.acquire_timeout)
+        app.router.add_post(stream.path, endpoint.handle)
+    return app

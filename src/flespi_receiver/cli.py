@@ -1,0 +1,136 @@
+"""The `flespi-receiver` command: serve, migrate, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import asyncpg
+import orjson
+import structlog
+from aiohttp import web
+
+from flespi_receiver import __version__
+from flespi_receiver.app import connection_settings, create_app
+from flespi_receiver.config import Settings, config_path, load_settings, mask_url, masked_view
+from flespi_receiver.errors import ReceiverError
+from flespi_receiver.log import configure_logging
+from flespi_receiver.migrate import migrate
+from flespi_receiver.state import ACCEPTING
+
+log = structlog.get_logger("flespi_receiver.cli")
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+@contextmanager
+def database_url(settings: Settings) -> Iterator[str]:
+    """The configured URL, or an embedded PostgreSQL run for as long as the block lasts."""
+    url = settings.database.url.get_secret_value()
+    if url:
+        yield url
+        return
+    from flespi_receiver.embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres(settings.database.data_dir)
+    log.info("starting embedded PostgreSQL", data_dir=str(server.data_dir))
+    with server as embedded_url:
+        yield embedded_url
+    log.info("embedded PostgreSQL stopped")
+
+
+async def apply_migrations(settings: Settings, dsn: str) -> None:
+    conn = await asyncpg.connect(dsn, server_settings=connection_settings(settings))
+    try:
+        applied = await migrate(conn, settings.database.schema_name)
+    finally:
+        await conn.close()
+    log.info(
+        "schema up to date",
+        schema=settings.database.schema_name,
+        applied=[f"{m.version:04d}_{m.name}" for m in applied],
+    )
+
+
+async def serve(settings: Settings, dsn: str) -> None:
+    """Migrate, serve until SIGTERM or SIGINT, then finish the batches in flight and stop."""
+    await apply_migrations(settings, dsn)
+    app = create_app(settings, dsn)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=settings.server.shutdown_timeout,
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        site = web.TCPSite(runner, settings.server.host, settings.server.port)
+        await site.start()
+        log.info(
+            "serving",
+            address=site.name,
+            streams={s.name: s.path for s in settings.streams},
+            database=mask_url(dsn),
+        )
+        await stop.wait()
+        log.info("shutting down: finishing batches in flight")
+        app[ACCEPTING].clear()
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flespi-receiver",
+        description="Receive flespi HTTP stream batches and store them in PostgreSQL exactly once.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("serve", "apply pending schema migrations, then serve the stream endpoints"),
+        ("migrate", "apply pending schema migrations and exit"),
+        ("check-config", "validate the configuration and print it with secrets masked"),
+    ):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument(
+            "--config",
+            metavar="PATH",
+            help="TOML file (default: $FLESPI_RECEIVER_CONFIG, else ./config.toml)",
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(config_path(args.config))
+    except ReceiverError as exc:
+        print(f"flespi-receiver: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log)
+    if args.command == "check-config":
+        print(orjson.dumps(masked_view(settings), option=orjson.OPT_INDENT_2).decode())
+        return 0
+    try:
+        with database_url(settings) as dsn:
+            if args.command == "migrate":
+                asyncio.run(apply_migrations(settings, dsn))
+            else:
+                asyncio.run(serve(settings, dsn))
+    except ReceiverError as exc:
+        print(f"flespi-receiver: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (OSError, asyncpg.PostgresError) as exc:
+        log.error("failed", error=f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILURE
+    return 0

@@ -1,0 +1,209 @@
+"""Settings: a TOML file, overridden key by key from `FLESPI_RECEIVER_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from flespi_receiver.errors import ConfigError
+
+ENV_PREFIX = "FLESPI_RECEIVER_"
+CONFIG_ENV = "FLESPI_RECEIVER_CONFIG"
+DEFAULT_CONFIG = Path("config.toml")
+MASK = "********"
+
+
+def _identifier(value: str) -> str:
+    # the schema name is written into SQL as an identifier, so keep it to a safe alphabet
+    if not value.replace("_", "a").isalnum() or not value.isascii() or value[0].isdigit():
+        raise ValueError("must be letters, digits and underscores, not starting with a digit")
+    if len(value) > 63:
+        raise ValueError("must be at most 63 characters (PostgreSQL's identifier limit)")
+    return value.lower()
+
+
+def _postgres_url(value: str) -> str:
+    if not value:
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(
+            "must start with postgresql:// (for example postgresql://user:pass@host:5432/db)"
+        )
+    if not parts.hostname and "host=" not in parts.query:
+        raise ValueError("must name a host (postgresql://user:pass@host:5432/db)")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(f"has an invalid port: {exc}") from None
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_size: int = Field(64 * 1024 * 1024, ge=1024)
+    body_timeout: float = Field(60.0, gt=0)
+    shutdown_timeout: float = Field(30.0, gt=0)
+
+
+class DatabaseSettings(_Section):
+    url: Annotated[
+        SecretStr, AfterValidator(lambda s: SecretStr(_postgres_url(s.get_secret_value())))
+    ] = SecretStr("")
+    data_dir: Path = Path(".data/postgres")
+    schema_name: Annotated[str, AfterValidator(_identifier)] = Field("flespi", alias="schema")
+    pool_size: int = Field(4, ge=1, le=100)
+    acquire_timeout: float = Field(10.0, gt=0)
+    command_timeout: float = Field(60.0, gt=0)
+
+
+class StreamSettings(_Section):
+    name: str = Field(min_length=1, max_length=200)
+    path: str
+    authorization: list[SecretStr] = Field(default_factory=list)
+    allow_anonymous: bool = False
+    on_invalid: Literal["quarantine", "reject"] = "quarantine"
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        if not value.startswith("/") or any(c in value for c in "{}?# "):
+            raise ValueError("must be an absolute URI path such as /flespi, without {}?# or spaces")
+        return value
+
+    @field_validator("authorization")
+    @classmethod
+    def _non_empty_values(cls, values: list[SecretStr]) -> list[SecretStr]:
+        if any(not v.get_secret_value().strip() for v in values):
+            raise ValueError("values must not be empty")
+        return values
+
+    @model_validator(mode="after")
+    def _credentials_or_explicit_anonymous(self) -> StreamSettings:
+        if not self.authorization and not self.allow_anonymous:
+            raise ValueError(
+                f"stream {self.name!r} has no authorization values; add the Authorization header "
+                'value flespi sends (authorization = ["Bearer <token>"]) or set '
+                "allow_anonymous = true"
+            )
+        return self
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    """All receiver settings; build with `load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerSettings = ServerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    log: LogSettings = LogSettings()
+    streams: list[StreamSettings] = Field(min_length=1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # the environment wins over the file, which arrives as init values
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _unique_streams(self) -> Settings:
+        for attr in ("path", "name"):
+            seen: set[str] = set()
+            for stream in self.streams:
+                value = getattr(stream, attr)
+                if value in seen:
+                    raise ValueError(f"two streams have the same {attr} {value!r}")
+                seen.add(value)
+        return self
+
+
+def config_path(cli_path: str | None) -> Path:
+    """The config file: --config, else $FLESPI_RECEIVER_CONFIG, else ./config.toml."""
+    return Path(cli_path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling against config.example.toml)"
+        elif item["type"] == "missing":
+            message = "is required"
+        lines.append(f"  {key}: {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(path: Path) -> Settings:
+    """Read the TOML file (if it exists) and the environment; raise ConfigError naming bad keys."""
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    elif not any(name.startswith(ENV_PREFIX) for name in os.environ):
+        raise ConfigError(
+            f"config file {path} not found; pass --config PATH, set {CONFIG_ENV}, "
+            "or copy config.example.toml to config.toml"
+        )
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc)}") from None
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced, fit for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{netloc[1]}"))
+
+
+def masked_view(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data, with every secret masked."""
+    view = settings.model_dump(mode="json", by_alias=True)
+    view["database"]["url"] = mask_url(settings.database.url.get_secret_value())
+    for stream in view["streams"]:
+        stream["authorization"] = [MASK for _ in stream["authorization"]]
+    return view

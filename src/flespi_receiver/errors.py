@@ -1,0 +1,19 @@
+"""The errors a user can cause, each with a message that names the cause and the fix."""
+
+from __future__ import annotations
+
+
+class ReceiverError(Exception):
+    """Base of every error the receiver reports to its user instead of a traceback."""
+
+
+class ConfigError(ReceiverError):
+    """The configuration file or environment is invalid."""
+
+
+class DatabaseUnavailable(ReceiverError):
+    """PostgreSQL could not be reached or dropped the connection; the batch was not stored."""
+
+
+class BatchRejected(ReceiverError):
+    """A stream in `on_invalid = "reject"` mode got content that can't be stored as it is."""

@@ -1,0 +1,150 @@
+"""The stream endpoint: authorization, body, decoding, storing, and the reply flespi waits for."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from dataclasses import dataclass
+
+import asyncpg
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import BaseModel
+
+from flespi_receiver.config import StreamSettings
+from flespi_receiver.errors import BatchRejected
+from flespi_receiver.messages import DecodedBatch, decode_batch
+from flespi_receiver.state import ACCEPTING, POOL
+from flespi_receiver.store import StoreResult, store_batch
+
+log = structlog.get_logger("flespi_receiver.ingest")
+
+# Content-Encoding values aiohttp decompresses for us; anything else is refused with 415
+ACCEPTED_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+RETRY_AFTER_SECONDS = "5"
+# Failures that mean "PostgreSQL is not there right now"; flespi retries the batch later
+DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.TransactionRollbackError,
+)
+
+
+class BatchReply(BaseModel):
+    """The JSON body of a 200 reply: what happened to the messages of the batch."""
+
+    stored: int
+    duplicates: int
+    rejected: int
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_size: int
+    body_timeout: float
+
+
+def json_response(status: int, body: dict[str, object], **headers: str) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def error_response(status: int, reason: str, **headers: str) -> web.Response:
+    return json_response(status, {"error": reason}, **headers)
+
+
+def authorized(header: str | None, accepted: list[bytes]) -> bool:
+    """Constant-time check of the Authorization header against every accepted value."""
+    if header is None:
+        return False
+    given = header.encode("utf-8", errors="surrogateescape")
+    matches = [hmac.compare_digest(given, value) for value in accepted]
+    return any(matches)
+
+
+class StreamEndpoint:
+    """Handles POSTs of one configured stream."""
+
+    def __init__(self, stream: StreamSettings, limits: Limits, acquire_timeout: float) -> None:
+        self.stream = stream
+        self.limits = limits
+        self.acquire_timeout = acquire_timeout
+        self.accepted_credentials = [
+            v.get_secret_value().encode("utf-8") for v in stream.authorization
+        ]
+
+    async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        bound = log.bind(stream=self.stream.name, peer=request.remote)
+        if not request.app[ACCEPTING].is_set():
+            return error_response(503, "receiver is shutting down", **{"Retry-After": "1"})
+        if self.accepted_credentials and not authorized(
+            request.headers.get("Authorization"), self.accepted_credentials
+        ):
+            bound.warning("unauthorized", has_header="Authorization" in request.headers)
+            return error_response(401, "missing or wrong Authorization header")
+        refusal = self._refuse_headers(request)
+        if refusal is not None:
+            return refusal
+        try:
+            body = await asyncio.wait_for(request.read(), self.limits.body_timeout)
+        except TimeoutError:
+            return error_response(408, f"body not received within {self.limits.body_timeout}s")
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large()
+        batch = decode_batch(body)
+        response, result = await self._store(request.app[POOL], batch, bound)
+        bound.info(
+            "batch",
+            status=response.status,
+            bytes=len(body),
+            messages=batch.size,
+            stored=result.stored if result else 0,
+            duplicates=result.duplicates if result else 0,
+            rejected=result.rejected if result else 0,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        return response
+
+    def _refuse_headers(self, request: web.Request) -> web.Response | None:
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ACCEPTED_ENCODINGS:
+            return error_response(415, f"Content-Encoding {encoding!r} is not supported; use gzip")
+        length = request.content_length
+        if length is not None and length > self.limits.max_body_size:
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> web.Response:
+        return error_response(
+            413, f"body is larger than server.max_body_size ({self.limits.max_body_size} bytes)"
+        )
+
+    async def _store(
+        self, pool: asyncpg.Pool, batch: DecodedBatch, bound: structlog.typing.FilteringBoundLogger
+    ) -> tuple[web.Response, StoreResult | None]:
+        quarantine = self.stream.on_invalid == "quarantine"
+        if not quarantine and batch.rejected:
+            status = 400 if batch.body_error else 422
+            return error_response(status, batch.rejected[0].reason), None
+        try:
+            async with pool.acquire(timeout=self.acquire_timeout) as conn:
+                result = await store_batch(conn, self.stream.name, batch, quarantine=quarantine)
+        except BatchRejected as exc:
+            return error_response(422, str(exc)), None
+        except DATABASE_UNAVAILABLE as exc:
+            bound.warning("database unavailable", error=f"{type(exc).__name__}: {exc}")
+            return error_response(
+                503, "database unavailable, retry later", **{"Retry-After": RETRY_AFTER_SECONDS}
+            ), None
+        reply = BatchReply(
+            stored=result.stored, duplicates=result.duplicates, rejected=result.rejected
+        )
+        return json_response(200, reply.model_dump()), result

@@ -1,0 +1,248 @@
+"""Decoding a batch body into messages that can be stored and messages that must be quarantined.
+
+A batch is decoded on one of two paths. The fast path parses the whole body with orjson and
+proves, by re-encoding it byte for byte, that nothing was lost (no duplicate keys, no numbers
+rounded). Anything else takes the careful path, which splits the array into the exact text of
+each element and judges every element on its own, so one odd message never sinks the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+# timestamps outside 1900-01-01 .. 9999-12-31 are absurd for a device clock
+_MIN_EPOCH = -2208988800
+_MAX_EPOCH = 253402300799
+_INT64 = 2**63
+# a JSON string that PostgreSQL's jsonb refuses
+_NUL_ESCAPE = b"\\u0000"
+# the tokens that matter for finding element boundaries: strings (skipped whole) and brackets
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|"|[\[\]{},]', re.DOTALL)
+_WHITESPACE = " \t\n\r"
+
+
+def identity_of(raw: bytes) -> bytes:
+    """The md5 of the text as sent: equal for a re-sent message, different otherwise."""
+    return hashlib.md5(raw, usedforsecurity=False).digest()
+
+
+@dataclass(slots=True)
+class Message:
+    """One message that can be stored: its JSON text as sent and the parsed object."""
+
+    raw: bytes
+    data: dict[str, Any]
+
+    @property
+    def identity(self) -> bytes:
+        return identity_of(self.raw)
+
+
+@dataclass(slots=True)
+class Rejected:
+    """Content that can't be stored as a message, kept verbatim with the reason."""
+
+    raw: bytes
+    reason: str
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    messages: list[Message] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    # the body as a whole is not a JSON array: the batch then holds one rejected body
+    body_error: str | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.messages) + len(self.rejected)
+
+
+def decode_batch(body: bytes) -> DecodedBatch:
+    """Split a request body into storable messages and rejected content."""
+    fast = _decode_fast(body)
+    return fast if fast is not None else _decode_careful(body)
+
+
+def _decode_fast(body: bytes) -> DecodedBatch | None:
+    if _NUL_ESCAPE in body:
+        return None
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(parsed, list) or not all(type(item) is dict for item in parsed):
+        return None
+    raws = [orjson.dumps(item) for item in parsed]
+    # equal bytes prove the parse lost nothing: no duplicate key, no rounded number
+    if b"[" + b",".join(raws) + b"]" != body.strip(_WHITESPACE.encode()):
+        return None
+    return DecodedBatch(
+        messages=[Message(raw, item) for raw, item in zip(raws, parsed, strict=True)]
+    )
+
+
+def _decode_careful(body: bytes) -> DecodedBatch:
+    # surrogateescape keeps undecodable bytes so each element can be judged on its own
+    text = body.decode("utf-8", errors="surrogateescape")
+    elements = split_array(text)
+    if isinstance(elements, str):
+        return DecodedBatch(rejected=[Rejected(body, elements)], body_error=elements)
+    batch = DecodedBatch()
+    for element in elements:
+        raw = element.encode("utf-8", errors="surrogateescape")
+        data, reason = _judge_element(raw)
+        if data is None:
+            batch.rejected.append(Rejected(raw, reason))
+        else:
+            batch.messages.append(Message(raw, data))
+    return batch
+
+
+def split_array(text: str) -> list[str] | str:
+    """The exact text of each top-level element of a JSON array, or why it is not one."""
+    start = len(text) - len(text.lstrip(_WHITESPACE))
+    if not text[start:].startswith("["):
+        return "body is not a JSON array" if text.strip(_WHITESPACE) else "body is empty"
+    elements: list[str] = []
+    depth = 0
+    element_start = start + 1
+    for token in _TOKEN.finditer(text, start):
+        kind = token.group()
+        if kind in "[{":
+            depth += 1
+        elif kind in "]}":
+            depth -= 1
+            if depth == 0:
+                _append_element(elements, text[element_start : token.start()], closing=True)
+                if text[token.end() :].strip(_WHITESPACE):
+                    return "body has content after the closing ] of the array"
+                return elements
+            if depth < 0:
+                break
+        elif kind == "," and depth == 1:
+            _append_element(elements, text[element_start : token.start()], closing=False)
+            element_start = token.end()
+        elif kind == '"':
+            break  # a string that never ends
+    return "body is not valid JSON (unbalanced brackets or an unterminated string)"
+
+
+def _append_element(elements: list[str], element: str, *, closing: bool) -> None:
+    stripped = element.strip(_WHITESPACE)
+    # "[]" has no element; "[1,]" ends with an empty one, which is kept and rejected
+    if stripped or not closing or elements:
+        elements.append(stripped)
+
+
+def _judge_element(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    if not raw:
+        return None, "empty array element"
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return None, f"not valid JSON: {exc}"
+    if type(data) is not dict:
+        return None, f"not a JSON object but {_json_type(data)}"
+    try:
+        json.loads(raw, object_pairs_hook=_refuse_duplicate_keys)
+    except _DuplicateKey as exc:
+        return None, f"duplicate key {exc.args[0]!r}"
+    except (ValueError, RecursionError) as exc:
+        return None, f"not valid JSON: {exc}"
+    if _NUL_ESCAPE in raw and _contains_nul(data):
+        return None, "a string or key contains \\u0000, which PostgreSQL cannot store"
+    return data, ""
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return result
+
+
+def _contains_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _contains_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_contains_nul(v) for v in value)
+    return False
+
+
+def _json_type(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+# Derived columns: best effort, a value that does not fit gives None (NULL), never an error.
+
+
+def _number(value: Any) -> float | None:
+    if type(value) is int or type(value) is float:
+        return value
+    return None
+
+
+def text_of(value: Any) -> str | None:
+    """A string as is, an integer as its digits; anything else has no text form."""
+    if type(value) is str:
+        return value
+    if type(value) is int:
+        return str(value)
+    return None
+
+
+def epoch_time(value: Any) -> datetime | None:
+    number = _number(value)
+    if number is None or not _MIN_EPOCH <= number <= _MAX_EPOCH:
+        return None
+    return datetime.fromtimestamp(number, UTC)
+
+
+def bigint(value: Any) -> int | None:
+    number = _number(value)
+    if number is None or number != number or not -_INT64 <= number < _INT64:
+        return None
+    if type(number) is float and not number.is_integer():
+        return None
+    return int(number)
+
+
+def coordinate(value: Any, limit: float) -> float | None:
+    number = _number(value)
+    if number is None or not -limit <= number <= limit:
+        return None
+    return float(number)
+
+
+def columns(data: dict[str, Any]) -> tuple[Any, ...]:
+    """The derived columns of a message: ident, ts, server_ts, channel_id, device_id, lat, lon."""
+    get = data.get
+    return (
+        text_of(get("ident")),
+        epoch_time(get("timestamp")),
+        epoch_time(get("server.timestamp")),
+        bigint(get("channel.id")),
+        bigint(get("device.id")),
+        coordinate(get("position.latitude"), 90.0),
+        coordinate(get("position.longitude"), 180.0),
+    )

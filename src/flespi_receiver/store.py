@@ -1,0 +1,150 @@
+"""Writing a decoded batch to PostgreSQL in one transaction; knows SQL, knows nothing of HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from flespi_receiver.errors import BatchRejected
+from flespi_receiver.messages import DecodedBatch, Message, Rejected, columns, identity_of
+
+# a plain connection or one borrowed from the pool
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+MESSAGE_COLUMNS = (
+    "stream",
+    "ident",
+    "ts",
+    "server_ts",
+    "channel_id",
+    "device_id",
+    "latitude",
+    "longitude",
+    "payload",
+    "message_hash",
+)
+
+# Which of these messages does the stream already hold?
+EXISTING_MESSAGES = """
+SELECT message_hash FROM messages
+WHERE stream = $1 AND message_hash = ANY($2::bytea[])
+"""
+
+# The careful insert: skips what another receiver committed meanwhile, and says what it stored.
+INSERT_MESSAGES = """
+INSERT INTO messages (stream, ident, ts, server_ts, channel_id, device_id, latitude, longitude,
+                      payload, message_hash)
+SELECT $1, * FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[],
+                         $6::bigint[], $7::float8[], $8::float8[], $9::jsonb[], $10::bytea[])
+ON CONFLICT (stream, message_hash) DO NOTHING
+RETURNING message_hash
+"""
+
+INSERT_REJECTED = """
+INSERT INTO rejected_messages (stream, raw, reason, raw_hash)
+SELECT $1, * FROM unnest($2::bytea[], $3::text[], $4::bytea[])
+ON CONFLICT (stream, raw_hash) DO NOTHING
+"""
+
+# SQLSTATE classes meaning "this value can't be stored": data exception, program limit exceeded
+_REFUSED_VALUE_CLASSES = ("22", "54")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    stored: int
+    duplicates: int
+    rejected: int
+
+
+def _record(stream: str, message: Message, identity: bytes) -> tuple[Any, ...]:
+    return (stream, *columns(message.data), message.raw.decode(), identity)
+
+
+async def store_batch(
+    conn: Connection, stream: str, batch: DecodedBatch, *, quarantine: bool = True
+) -> StoreResult:
+    """Store the batch in one transaction; on return it is committed.
+
+    With `quarantine` off, a message PostgreSQL refuses raises BatchRejected and nothing is kept.
+    """
+    rejected = list(batch.rejected)
+    async with conn.transaction():
+        stored = await _store_messages(conn, stream, batch.messages, rejected)
+        if not quarantine and len(rejected) > len(batch.rejected):
+            raise BatchRejected(rejected[len(batch.rejected)].reason)
+        if rejected:
+            await _store_rejected(conn, stream, rejected)
+    duplicates = len(batch.messages) - stored - (len(rejected) - len(batch.rejected))
+    return StoreResult(stored=stored, duplicates=duplicates, rejected=len(rejected))
+
+
+async def _store_messages(
+    conn: Connection, stream: str, messages: list[Message], rejected: list[Rejected]
+) -> int:
+    by_identity: dict[bytes, Message] = {}
+    for message in messages:
+        by_identity.setdefault(message.identity, message)
+    if not by_identity:
+        return 0
+    existing = {row[0] for row in await conn.fetch(EXISTING_MESSAGES, stream, list(by_identity))}
+    # a fixed order keeps two receivers that store overlapping batches from deadlocking
+    fresh = sorted((i, m) for i, m in by_identity.items() if i not in existing)
+    if not fresh:
+        return 0
+    records = [_record(stream, message, identity) for identity, message in fresh]
+    try:
+        async with conn.transaction():
+            # COPY is the fastest way in; it fails as a whole if another receiver got there first
+            await conn.copy_records_to_table("messages", records=records, columns=MESSAGE_COLUMNS)
+        return len(records)
+    except asyncpg.UniqueViolationError:
+        return await _insert_skipping_conflicts(conn, records)
+    except asyncpg.PostgresError as exc:
+        if not _is_refused_value(exc):
+            raise
+    return await _insert_one_by_one(conn, records, fresh, rejected)
+
+
+async def _insert_skipping_conflicts(conn: Connection, records: list[tuple[Any, ...]]) -> int:
+    stream = records[0][0]
+    arrays = [list(column) for column in zip(*records, strict=True)][1:]
+    async with conn.transaction():
+        return len(await conn.fetch(INSERT_MESSAGES, stream, *arrays))
+
+
+async def _insert_one_by_one(
+    conn: Connection,
+    records: list[tuple[Any, ...]],
+    fresh: list[tuple[bytes, Message]],
+    rejected: list[Rejected],
+) -> int:
+    """PostgreSQL refused a value somewhere in the batch: find it, keep the rest."""
+    stored = 0
+    for record, (_, message) in zip(records, fresh, strict=True):
+        try:
+            stored += await _insert_skipping_conflicts(conn, [record])
+        except asyncpg.PostgresError as exc:
+            if not _is_refused_value(exc):
+                raise
+            rejected.append(Rejected(message.raw, f"PostgreSQL refused it: {exc}"))
+    return stored
+
+
+def _is_refused_value(exc: asyncpg.PostgresError) -> bool:
+    return str(exc.sqlstate or "").startswith(_REFUSED_VALUE_CLASSES)
+
+
+async def _store_rejected(conn: Connection, stream: str, rejected: Iterable[Rejected]) -> None:
+    items = list(rejected)
+    await conn.execute(
+        INSERT_REJECTED,
+        stream,
+        [item.raw for item in items],
+        [item.reason for item in items],
+        [identity_of(item.raw) for item in items],
+    )

@@ -1,0 +1,126 @@
+"""The console script for real: migrate, serve, and a graceful stop that finishes a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+
+from helpers import AUTH, count, flespi_message
+
+SCRIPT = Path(sys.executable).parent / "flespi-receiver"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def config_file(tmp_path: Path, database_url: str, port: int) -> Path:
+    path = tmp_path / "receiver.toml"
+    path.write_text(
+        f'[server]\nport = {port}\nshutdown_timeout = 20\n[log]\nformat = "json"\n'
+        f'[database]\nurl = "{database_url}"\n'
+        '[[streams]]\nname = "main"\npath = "/flespi"\nauthorization = ["Bearer test-token"]\n'
+    )
+    return path
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def serving(tmp_path: Path, database_url: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """`flespi-receiver serve` started the way a user starts it."""
+    config = config_file(tmp_path, database_url, port)
+    process = subprocess.Popen(
+        [str(SCRIPT), "serve"],
+        env={**os.environ, "FLESPI_RECEIVER_CONFIG": str(config)},
+        stderr=subprocess.PIPE,
+    )
+    yield process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    process.stderr.close()  # type: ignore[union-attr]
+
+
+async def wait_until_serving(port: int, process: subprocess.Popen[bytes]) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            assert process.poll() is None, "receiver exited during start"
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/readyz") as reply:
+                    if reply.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError("receiver did not become ready")
+
+
+def test_migrate_command_is_idempotent(tmp_path: Path, database_url: str) -> None:
+    config = config_file(tmp_path, database_url, free_port())
+    for _ in range(2):
+        result = subprocess.run(
+            [str(SCRIPT), "migrate", "--config", str(config)], capture_output=True, check=False
+        )
+        assert result.returncode == 0, result.stderr
+
+
+async def test_serve_stores_batches_and_stops_on_sigterm(
+    serving: subprocess.Popen[bytes], port: int, db: asyncpg.Connection
+) -> None:
+    await wait_until_serving(port, serving)
+    async with aiohttp.ClientSession() as session:
+        body = orjson.dumps([flespi_message(i) for i in range(10)])
+        async with session.post(f"http://127.0.0.1:{port}/flespi", data=body, headers=AUTH) as r:
+            assert r.status == 200
+            assert await r.json() == {"stored": 10, "duplicates": 0, "rejected": 0}
+    serving.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(serving.wait, 20) == 0
+    assert await count(db) == 10
+    events = [orjson.loads(line) for line in serving.stderr.read().splitlines()]  # type: ignore[union-attr]
+    batch = next(e for e in events if e["event"] == "batch")
+    assert (batch["stream"], batch["messages"], batch["stored"]) == ("main", 10, 10)
+    assert "duration_ms" in batch
+    assert events[-1]["event"] == "stopped"
+
+
+async def test_sigterm_finishes_the_batch_in_flight(
+    serving: subprocess.Popen[bytes], port: int, db: asyncpg.Connection
+) -> None:
+    await wait_until_serving(port, serving)
+    body = orjson.dumps([flespi_message(i) for i in range(5)])
+    # hold the table so the batch is stuck inside its transaction when SIGTERM arrives
+    locker = db
+    transaction = locker.transaction()
+    await transaction.start()
+    await locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+    async with aiohttp.ClientSession() as session:
+        request = asyncio.ensure_future(
+            session.post(f"http://127.0.0.1:{port}/flespi", data=body, headers=AUTH)
+        )
+        await asyncio.sleep(0.5)
+        serving.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert serving.poll() is None, "receiver must wait for the batch in flight"
+        await transaction.rollback()  # release the lock: the batch can now commit
+        reply = await request
+        assert reply.status == 200
+        assert (await reply.json())["stored"] == 5
+    assert await asyncio.to_thread(serving.wait, 20) == 0
+    assert await count(db) == 5
