@@ -129,7 +129,8 @@ def make_settings(tmp_path: Path, database_url: str) -> SettingsFactory:
     return build
 
 
-ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+Client = TestClient[web.Request, web.Application]
+ClientFactory = Callable[..., Awaitable[Client]]
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ def pool_context(settings: Settings, dsn: str) -> Callable[[web.Application], As
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render aiohttp's own errors (404, 405, 413 ...) as JSON with a reason, never a traceback."""
+    """Render errors (404, 405, 413 ... and crashes) as JSON with a reason, never a traceback."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -62,6 +62,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             exc.reason,
             **{k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")},
         )
+    except Exception:
+        log.exception("request failed", path=request.path)
+        return error_response(500, "internal error; the batch was not stored")
 
 
 def create_app(settings: Settings, dsn: str) -> web.Application:

@@ -170,7 +170,8 @@ class EmbeddedPostgres:
         """Initialise the data folder when new, start the server and return its URL."""
         self._init()
         self._stop_leftover()
-        self.port = _free_port()
+        # a restart keeps the port, so that clients holding the URL find the server again
+        self.port = self.port or _free_port()
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} "
             "-c unix_socket_directories='' -c max_connections=200"

@@ -24,6 +24,7 @@ log = structlog.get_logger("flespi_receiver.ingest")
 # Content-Encoding values aiohttp decompresses for us; anything else is refused with 415
 ACCEPTED_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 RETRY_AFTER_SECONDS = "5"
+DEADLOCK_ATTEMPTS = 3
 # Failures that mean "PostgreSQL is not there right now"; flespi retries the batch later
 DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
@@ -135,8 +136,7 @@ class StreamEndpoint:
             status = 400 if batch.body_error else 422
             return error_response(status, batch.rejected[0].reason), None
         try:
-            async with pool.acquire(timeout=self.acquire_timeout) as conn:
-                result = await store_batch(conn, self.stream.name, batch, quarantine=quarantine)
+            result = await self._store_retrying_deadlocks(pool, batch, quarantine)
         except BatchRejected as exc:
             return error_response(422, str(exc)), None
         except DATABASE_UNAVAILABLE as exc:
@@ -148,3 +148,17 @@ class StreamEndpoint:
             stored=result.stored, duplicates=result.duplicates, rejected=result.rejected
         )
         return json_response(200, reply.model_dump()), result
+
+    async def _store_retrying_deadlocks(
+        self, pool: asyncpg.Pool, batch: DecodedBatch, quarantine: bool
+    ) -> StoreResult:
+        # two receivers storing overlapping batches in different orders can deadlock; PostgreSQL
+        # then aborts one of them, which simply tries again
+        for attempt in range(DEADLOCK_ATTEMPTS):
+            try:
+                async with pool.acquire(timeout=self.acquire_timeout) as conn:
+                    return await store_batch(conn, self.stream.name, batch, quarantine=quarantine)
+            except asyncpg.TransactionRollbackError:
+                if attempt == DEADLOCK_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")

@@ -50,8 +50,9 @@ SELECT $1, * FROM unnest($2::bytea[], $3::text[], $4::bytea[])
 ON CONFLICT (stream, raw_hash) DO NOTHING
 """
 
-# SQLSTATE classes meaning "this value can't be stored": data exception, program limit exceeded
-_REFUSED_VALUE_CLASSES = ("22", "54")
+# SQLSTATE classes meaning "this message can't be stored": data exception, integrity constraint
+# (a CHECK or trigger a user added), program limit exceeded (e.g. nesting too deep)
+_REFUSED_VALUE_CLASSES = ("22", "23", "54")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +93,8 @@ async def _store_messages(
     if not by_identity:
         return 0
     existing = {row[0] for row in await conn.fetch(EXISTING_MESSAGES, stream, list(by_identity))}
-    # a fixed order keeps two receivers that store overlapping batches from deadlocking
-    fresh = sorted((i, m) for i, m in by_identity.items() if i not in existing)
+    # arrival order, so that ids increase in the order flespi sent the messages
+    fresh = [(i, m) for i, m in by_identity.items() if i not in existing]
     if not fresh:
         return 0
     records = [_record(stream, message, identity) for identity, message in fresh]
@@ -102,7 +103,11 @@ async def _store_messages(
             # COPY is the fastest way in; it fails as a whole if another receiver got there first
             await conn.copy_records_to_table("messages", records=records, columns=MESSAGE_COLUMNS)
         return len(records)
-    except asyncpg.UniqueViolationError:
+    except asyncpg.PostgresError as exc:
+        if not _is_refused_value(exc):
+            raise
+    # another receiver stored some of these meanwhile, or PostgreSQL refused one of them
+    try:
         return await _insert_skipping_conflicts(conn, records)
     except asyncpg.PostgresError as exc:
         if not _is_refused_value(exc):

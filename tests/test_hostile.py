@@ -1,0 +1,211 @@
+"""Bad content never stalls a stream: good messages are stored, bad ones quarantined verbatim."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import Client, ClientFactory
+from helpers import AUTH, count, flespi_message
+
+GOOD = orjson.dumps(flespi_message(1))
+REJECT_STREAM = """
+[[streams]]
+name = "strict"
+path = "/flespi"
+authorization = ["Bearer test-token"]
+on_invalid = "reject"
+"""
+
+# (bad element as sent, words the quarantine reason must contain)
+BAD_ELEMENTS = [
+    (b"42", "not a JSON object but a number"),
+    (b'"text"', "not a JSON object but a string"),
+    (b"null", "not a JSON object but null"),
+    (b"[1, 2]", "not a JSON object but an array"),
+    (b'{"ident": "1", "ident": "2"}', "duplicate key 'ident'"),
+    (b'{"a": {"b": 1, "b": 2}}', "duplicate key 'b'"),
+    (b'{"name": "nul\\u0000byte"}', "\\u0000"),
+    (b'{"nul\\u0000key": 1}', "\\u0000"),
+    (b'{"a": "\\ud800"}', "not valid JSON"),
+    (b'{"a": NaN}', "not valid JSON"),
+    (b'{"a": Infinity}', "not valid JSON"),
+    (b'{"a": 1e400}', "not valid JSON"),
+    (b'{"a": "\xff\xfe"}', "not valid JSON"),
+    (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", "not valid JSON"),
+    (b"{'single': 'quotes'}", "not valid JSON"),
+    (b'{"a": 1,}', "not valid JSON"),
+]
+
+
+async def post(client: Client, body: bytes) -> tuple[int, Any]:
+    reply = await client.post("/flespi", data=body, headers=AUTH)
+    return reply.status, await reply.json()
+
+
+@pytest.mark.parametrize(("element", "reason"), BAD_ELEMENTS, ids=[r for _, r in BAD_ELEMENTS])
+async def test_bad_message_is_quarantined_and_the_rest_stored(
+    receiver: ClientFactory, db: asyncpg.Connection, element: bytes, reason: str
+) -> None:
+    client = await receiver()
+    other = orjson.dumps(flespi_message(2))
+    body = b"[" + GOOD + b", " + element + b" ,\n" + other + b"]"
+    assert await post(client, body) == (200, {"stored": 2, "duplicates": 0, "rejected": 1})
+    assert await count(db) == 2
+    quarantined = await db.fetch("SELECT stream, raw, reason FROM rejected_messages")
+    assert [(r["stream"], r["raw"]) for r in quarantined] == [("main", element)]
+    assert reason in quarantined[0]["reason"]
+    # sending the same batch again stores nothing twice, in either table
+    assert await post(client, body) == (200, {"stored": 0, "duplicates": 2, "rejected": 1})
+    assert await count(db) == 2
+    assert await count(db, "rejected_messages") == 1
+    # and the stream goes on
+    next_batch = orjson.dumps([flespi_message(3)])
+    assert await post(client, next_batch) == (200, {"stored": 1, "duplicates": 0, "rejected": 0})
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"hello", "not a JSON array"),
+        (b'{"ident": "1"}', "not a JSON array"),
+        (b"", "body is empty"),
+        (b'[{"ident": "1"}, {"ident": ', "not valid JSON"),
+        (b'[{"ident": "1"}] trailing', "content after the closing ]"),
+        (b'[{"ident": "1"}, "unterminated]', "not valid JSON"),
+        (b"[" * 100_000, "not valid JSON"),
+    ],
+    ids=["not-json", "object", "empty", "truncated", "trailing", "unterminated", "deep-open"],
+)
+async def test_body_that_is_not_an_array_is_quarantined_whole(
+    receiver: ClientFactory, db: asyncpg.Connection, body: bytes, reason: str
+) -> None:
+    client = await receiver()
+    assert await post(client, body) == (200, {"stored": 0, "duplicates": 0, "rejected": 1})
+    quarantined = await db.fetchrow("SELECT raw, reason FROM rejected_messages")
+    assert quarantined["raw"] == body
+    assert reason in quarantined["reason"]
+    assert await count(db) == 0
+
+
+async def test_odd_values_in_known_fields_become_null_but_stay_in_payload(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver()
+    odd = [
+        {"ident": {"nested": 1}, "timestamp": "yesterday", "position.latitude": "north"},
+        {"ident": 12345, "timestamp": 1e12, "device.id": 1.5, "channel.id": 1e30},
+        {"timestamp": -1e15, "position.latitude": 91.0, "position.longitude": -181},
+        {"ident": True, "device.id": 123456789012345678901234567890, "server.timestamp": None},
+        {},
+        {"": 1, "ключ": "значение", "ctrl": "\u0001\u001f", "big": "x" * 100_000},
+    ]
+    # the standard library, unlike orjson, writes integers wider than 64 bits
+    status, reply = await post(client, json.dumps(odd, ensure_ascii=False).encode())
+    assert (status, reply) == (200, {"stored": 6, "duplicates": 0, "rejected": 0})
+    stored = await db.fetch(
+        "SELECT ident, ts, server_ts, channel_id, device_id, latitude, longitude, payload "
+        "FROM messages ORDER BY id"
+    )
+    assert all(
+        row[column] is None
+        for row in stored
+        for column in ("ts", "server_ts", "channel_id", "device_id", "latitude", "longitude")
+    )
+    assert [row["ident"] for row in stored] == [None, "12345", None, None, None, None]
+    assert orjson.loads(stored[5]["payload"]) == odd[5]
+    # a big integer is kept exactly, not rounded through a float
+    exact = await db.fetchval(
+        "SELECT payload->>'device.id' FROM messages WHERE ident IS NULL AND payload ? 'device.id'"
+    )
+    assert exact == "123456789012345678901234567890"
+
+
+async def test_a_value_postgresql_refuses_is_quarantined(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    # a rule of the user's own on the table: PostgreSQL refuses that one message for real
+    await db.execute(
+        "ALTER TABLE messages ADD CONSTRAINT no_test_devices CHECK (ident <> 'forbidden')"
+    )
+    client = await receiver()
+    body = orjson.dumps([flespi_message(1), {"ident": "forbidden"}, flespi_message(2)])
+    assert await post(client, body) == (200, {"stored": 2, "duplicates": 0, "rejected": 1})
+    reason = await db.fetchval("SELECT reason FROM rejected_messages")
+    assert "no_test_devices" in reason
+
+
+async def test_reject_mode_refuses_bad_batches_whole(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver(streams=REJECT_STREAM)
+    status, reply = await post(client, b"[" + GOOD + b', {"a": 1, "a": 2}]')
+    assert status == 422
+    assert "duplicate key" in reply["error"]
+    status, reply = await post(client, b'{"not": "an array"}')
+    assert (status, reply["error"]) == (400, "body is not a JSON array")
+    await db.execute("ALTER TABLE messages ADD CONSTRAINT no_x CHECK (ident <> 'forbidden')")
+    status, reply = await post(client, orjson.dumps([flespi_message(1), {"ident": "forbidden"}]))
+    assert status == 422
+    assert "no_x" in reply["error"]
+    assert await count(db) == 0
+    assert await count(db, "rejected_messages") == 0
+    assert await post(client, GOOD.join([b"[", b"]"])) == (
+        200,
+        {"stored": 1, "duplicates": 0, "rejected": 0},
+    )
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what orjson can write
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+elements = json_values | st.dictionaries(st.text(max_size=10), json_values, max_size=6)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(batch=st.lists(elements, max_size=8))
+async def test_any_json_array_is_stored_or_quarantined_exactly_once(
+    receiver: ClientFactory, db: asyncpg.Connection, batch: list[object]
+) -> None:
+    await db.execute("TRUNCATE messages, rejected_messages")
+    client = await receiver()
+    try:
+        await check_stored_or_quarantined_once(client, db, batch)
+    finally:
+        await client.close()  # one receiver per example, closed so connections don't pile up
+
+
+async def check_stored_or_quarantined_once(
+    client: Client, db: asyncpg.Connection, batch: list[object]
+) -> None:
+    body = orjson.dumps(batch)
+    status, reply = await post(client, body)
+    assert status == 200
+    assert reply["stored"] + reply["duplicates"] + reply["rejected"] == len(batch)
+    # every distinct element is in exactly one of the two tables, once
+    distinct = {orjson.dumps(item) for item in batch}
+    assert reply["stored"] == await count(db)
+    assert await count(db) + await count(db, "rejected_messages") == len(distinct)
+    # the same batch again: nothing new anywhere, and a valid batch after it still works
+    status, again = await post(client, body)
+    assert again["stored"] == 0
+    assert await count(db) == reply["stored"]
+    assert (await post(client, orjson.dumps([flespi_message(7)])))[0] == 200
