@@ -118,11 +118,12 @@ SettingsFactory = Callable[..., Settings]
 def make_settings(tmp_path: Path, database_url: str) -> SettingsFactory:
     """Settings built by the real loader from a TOML file written for the test."""
 
-    def build(streams: str = STREAM_TOML, extra: str = "") -> Settings:
+    def build(streams: str = STREAM_TOML, extra: str = "", database: str = "") -> Settings:
+        """`extra` goes into [server], `database` into [database]."""
         path = tmp_path / f"config-{uuid.uuid4().hex[:8]}.toml"
         path.write_text(
             f'[server]\nport = 0\n{extra}\n[database]\nurl = "{database_url}"\n'
-            f'schema = "{SCHEMA}"\n{streams}'
+            f'schema = "{SCHEMA}"\n{database}\n{streams}'
         )
         return load_settings(path)
 

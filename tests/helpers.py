@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 
 TOKEN = "Bearer test-token"
@@ -33,3 +42,73 @@ def flespi_message(i: int, **extra: Any) -> dict[str, Any]:
 
 async def count(db: asyncpg.Connection, table: str = "messages") -> int:
     return int(await db.fetchval(f"SELECT count(*) FROM {table}"))
+
+
+SCRIPT = Path(sys.executable).parent / "flespi-receiver"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def config_file(tmp_path: Path, database_url: str, port: int, name: str = "receiver") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f'[server]\nport = {port}\nshutdown_timeout = 20\n[log]\nformat = "json"\n'
+        f'[database]\nurl = "{database_url}"\nacquire_timeout = 2\ncommand_timeout = 10\n'
+        '[[streams]]\nname = "main"\npath = "/flespi"\nauthorization = ["Bearer test-token"]\n'
+    )
+    return path
+
+
+@contextmanager
+def receiver_process(config: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`flespi-receiver serve` as its own process, killed at the end if still running."""
+    process = subprocess.Popen(
+        [str(SCRIPT), "serve"],
+        env={**os.environ, "FLESPI_RECEIVER_CONFIG": str(config)},
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()  # type: ignore[union-attr]
+
+
+async def wait_until_serving(port: int, process: subprocess.Popen[bytes]) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(400):
+            assert process.poll() is None, "receiver exited during start"
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/readyz") as reply:
+                    if reply.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError("receiver did not become ready")
+
+
+async def wait_for_lock_wait(db: asyncpg.Connection) -> int:
+    """The pid of the receiver backend that waits on a lock the test holds."""
+    for _ in range(200):
+        pid = await db.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'flespi-receiver' "
+            "AND wait_event_type = 'Lock'"
+        )
+        if pid:
+            return int(pid)
+        await asyncio.sleep(0.02)
+    raise AssertionError("no receiver backend is waiting on the lock")
+
+
+async def duplicated(db: asyncpg.Connection) -> int:
+    """Rows whose payload appears more than once in the stream."""
+    return int(
+        await db.fetchval("SELECT count(*) - count(DISTINCT (stream, payload)) FROM messages")
+    )

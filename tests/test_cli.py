@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,25 +13,16 @@ import asyncpg
 import orjson
 import pytest
 
-from helpers import AUTH, count, flespi_message
-
-SCRIPT = Path(sys.executable).parent / "flespi-receiver"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def config_file(tmp_path: Path, database_url: str, port: int) -> Path:
-    path = tmp_path / "receiver.toml"
-    path.write_text(
-        f'[server]\nport = {port}\nshutdown_timeout = 20\n[log]\nformat = "json"\n'
-        f'[database]\nurl = "{database_url}"\n'
-        '[[streams]]\nname = "main"\npath = "/flespi"\nauthorization = ["Bearer test-token"]\n'
-    )
-    return path
+from helpers import (
+    AUTH,
+    SCRIPT,
+    config_file,
+    count,
+    flespi_message,
+    free_port,
+    receiver_process,
+    wait_until_serving,
+)
 
 
 @pytest.fixture
@@ -45,31 +33,8 @@ def port() -> int:
 @pytest.fixture
 def serving(tmp_path: Path, database_url: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
     """`flespi-receiver serve` started the way a user starts it."""
-    config = config_file(tmp_path, database_url, port)
-    process = subprocess.Popen(
-        [str(SCRIPT), "serve"],
-        env={**os.environ, "FLESPI_RECEIVER_CONFIG": str(config)},
-        stderr=subprocess.PIPE,
-    )
-    yield process
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-    process.stderr.close()  # type: ignore[union-attr]
-
-
-async def wait_until_serving(port: int, process: subprocess.Popen[bytes]) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            assert process.poll() is None, "receiver exited during start"
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/readyz") as reply:
-                    if reply.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError("receiver did not become ready")
+    with receiver_process(config_file(tmp_path, database_url, port)) as process:
+        yield process
 
 
 def test_migrate_command_is_idempotent(tmp_path: Path, database_url: str) -> None:
