@@ -7,6 +7,9 @@ CONFIG ?= config.example.toml
 
 .PHONY: run test lint typecheck pytest bench clean
 
+# e.g. make bench BENCH_ARGS='--count 100000 --gzip'
+BENCH_ARGS ?= --count 20000 --batch-size 1 --batch-size 100 --batch-size 1000 --batch-size 10000
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -36,6 +39,9 @@ pytest: $(VENV)/.installed-dev
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+bench: $(VENV)/.installed-run
+	$(BIN)/flespi-receiver bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

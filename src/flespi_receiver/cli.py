@@ -21,6 +21,7 @@ from flespi_receiver.errors import ReceiverError
 from flespi_receiver.log import configure_logging
 from flespi_receiver.migrate import migrate
 from flespi_receiver.state import ACCEPTING
+from flespi_receiver.tools import TOOL_COMMANDS, add_tool_commands, run_tool
 
 log = structlog.get_logger("flespi_receiver.cli")
 
@@ -107,11 +108,14 @@ def _parser() -> argparse.ArgumentParser:
             metavar="PATH",
             help="TOML file (default: $FLESPI_RECEIVER_CONFIG, else ./config.toml)",
         )
+    add_tool_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in TOOL_COMMANDS:
+        return run_tool(args)
     try:
         settings = load_settings(config_path(args.config))
     except ReceiverError as exc:

@@ -17,3 +17,8 @@ class DatabaseUnavailable(ReceiverError):
 
 class BatchRejected(ReceiverError):
     """A stream in `on_invalid = "reject"` mode got content that can't be stored as it is."""
+
+    def __init__(self, reason: str, *, whole_body: bool = False) -> None:
+        super().__init__(reason)
+        # the body as a whole is not a JSON array (400), rather than a bad message in it (422)
+        self.whole_body = whole_body

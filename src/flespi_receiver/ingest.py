@@ -15,7 +15,6 @@ from pydantic import BaseModel
 
 from flespi_receiver.config import StreamSettings
 from flespi_receiver.errors import BatchRejected
-from flespi_receiver.messages import DecodedBatch, decode_batch
 from flespi_receiver.state import ACCEPTING, POOL
 from flespi_receiver.store import StoreResult, store_batch
 
@@ -100,13 +99,12 @@ class StreamEndpoint:
             return error_response(408, f"body not received within {self.limits.body_timeout}s")
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()
-        batch = decode_batch(body)
-        response, result = await self._store(request.app[POOL], batch, bound)
+        response, result = await self._store(request.app[POOL], body, bound)
         bound.info(
             "batch",
             status=response.status,
             bytes=len(body),
-            messages=batch.size,
+            messages=result.messages if result else None,
             stored=result.stored if result else 0,
             duplicates=result.duplicates if result else 0,
             rejected=result.rejected if result else 0,
@@ -129,16 +127,13 @@ class StreamEndpoint:
         )
 
     async def _store(
-        self, pool: asyncpg.Pool, batch: DecodedBatch, bound: structlog.typing.FilteringBoundLogger
+        self, pool: asyncpg.Pool, body: bytes, bound: structlog.typing.FilteringBoundLogger
     ) -> tuple[web.Response, StoreResult | None]:
         quarantine = self.stream.on_invalid == "quarantine"
-        if not quarantine and batch.rejected:
-            status = 400 if batch.body_error else 422
-            return error_response(status, batch.rejected[0].reason), None
         try:
-            result = await self._store_retrying_deadlocks(pool, batch, quarantine)
+            result = await self._store_retrying_deadlocks(pool, body, quarantine)
         except BatchRejected as exc:
-            return error_response(422, str(exc)), None
+            return error_response(400 if exc.whole_body else 422, str(exc)), None
         except DATABASE_UNAVAILABLE as exc:
             bound.warning("database unavailable", error=f"{type(exc).__name__}: {exc}")
             return error_response(
@@ -150,14 +145,14 @@ class StreamEndpoint:
         return json_response(200, reply.model_dump()), result
 
     async def _store_retrying_deadlocks(
-        self, pool: asyncpg.Pool, batch: DecodedBatch, quarantine: bool
+        self, pool: asyncpg.Pool, body: bytes, quarantine: bool
     ) -> StoreResult:
         # two receivers storing overlapping batches in different orders can deadlock; PostgreSQL
         # then aborts one of them, which simply tries again
         for attempt in range(DEADLOCK_ATTEMPTS):
             try:
                 async with pool.acquire(timeout=self.acquire_timeout) as conn:
-                    return await store_batch(conn, self.stream.name, batch, quarantine=quarantine)
+                    return await store_batch(conn, self.stream.name, body, quarantine=quarantine)
             except asyncpg.TransactionRollbackError:
                 if attempt == DEADLOCK_ATTEMPTS - 1:
                     raise

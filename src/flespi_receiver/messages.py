@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +27,7 @@ _NUL_ESCAPE = b"\\u0000"
 # the tokens that matter for finding element boundaries: strings (skipped whole) and brackets
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|"|[\[\]{},]', re.DOTALL)
 _WHITESPACE = " \t\n\r"
+_WHITESPACE_BYTES = _WHITESPACE.encode()
 
 
 def identity_of(raw: bytes) -> bytes:
@@ -65,28 +67,57 @@ class DecodedBatch:
         return len(self.messages) + len(self.rejected)
 
 
+class NotExact(Exception):
+    """The fast parse lost something (a duplicate key, a rounded number): decode carefully."""
+
+
 def decode_batch(body: bytes) -> DecodedBatch:
     """Split a request body into storable messages and rejected content."""
-    fast = _decode_fast(body)
-    return fast if fast is not None else _decode_careful(body)
+    parsed = parse_array(body)
+    if parsed is not None:
+        try:
+            return DecodedBatch(messages=list(exact_messages(body, parsed)))
+        except NotExact:
+            pass
+    return _decode_careful(body)
 
 
-def _decode_fast(body: bytes) -> DecodedBatch | None:
+def parse_array(body: bytes) -> list[dict[str, Any]] | None:
+    """The fast parse: the body as a list of objects, or None when it needs the careful path."""
     if _NUL_ESCAPE in body:
         return None
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(parsed, list) or not all(type(item) is dict for item in parsed):
+    if type(parsed) is not list or not all(type(item) is dict for item in parsed):
         return None
-    raws = [orjson.dumps(item) for item in parsed]
-    # equal bytes prove the parse lost nothing: no duplicate key, no rounded number
-    if b"[" + b",".join(raws) + b"]" != body.strip(_WHITESPACE.encode()):
-        return None
-    return DecodedBatch(
-        messages=[Message(raw, item) for raw, item in zip(raws, parsed, strict=True)]
-    )
+    return parsed
+
+
+def exact_messages(body: bytes, parsed: list[dict[str, Any]]) -> Iterator[Message]:
+    """Each parsed object with its text as sent, proving on the way that the parse lost nothing.
+
+    Re-encoding an object must give the very bytes that were sent; raises NotExact otherwise.
+    Lazy, so that the first messages can be on their way to PostgreSQL while later ones are
+    checked.
+    """
+    position = len(body) - len(body.lstrip(_WHITESPACE_BYTES))
+    if body[position : position + 1] != b"[":
+        raise NotExact
+    position += 1
+    for index, item in enumerate(parsed):
+        if index:
+            if body[position : position + 1] != b",":
+                raise NotExact
+            position += 1
+        raw = orjson.dumps(item)
+        if not body.startswith(raw, position):
+            raise NotExact
+        position += len(raw)
+        yield Message(raw, item)
+    if body[position : position + 1] != b"]" or body[position + 1 :].strip(_WHITESPACE_BYTES):
+        raise NotExact
 
 
 def _decode_careful(body: bytes) -> DecodedBatch:

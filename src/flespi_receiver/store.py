@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +10,16 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from flespi_receiver.errors import BatchRejected
-from flespi_receiver.messages import DecodedBatch, Message, Rejected, columns, identity_of
+from flespi_receiver.messages import (
+    Message,
+    NotExact,
+    Rejected,
+    columns,
+    decode_batch,
+    exact_messages,
+    identity_of,
+    parse_array,
+)
 
 # a plain connection or one borrowed from the pool
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -57,31 +66,69 @@ _REFUSED_VALUE_CLASSES = ("22", "23", "54")
 
 @dataclass(frozen=True, slots=True)
 class StoreResult:
+    messages: int
     stored: int
     duplicates: int
     rejected: int
 
 
-def _record(stream: str, message: Message, identity: bytes) -> tuple[Any, ...]:
-    return (stream, *columns(message.data), message.raw.decode(), identity)
+def _record(stream: str, message: Message) -> tuple[Any, ...]:
+    return (stream, *columns(message.data), message.raw.decode(), message.identity)
 
 
 async def store_batch(
-    conn: Connection, stream: str, batch: DecodedBatch, *, quarantine: bool = True
+    conn: Connection, stream: str, body: bytes, *, quarantine: bool = True
 ) -> StoreResult:
-    """Store the batch in one transaction; on return it is committed.
+    """Decode and store a batch body in one transaction; on return it is committed.
 
-    With `quarantine` off, a message PostgreSQL refuses raises BatchRejected and nothing is kept.
+    With `quarantine` off, content that can't be stored raises BatchRejected and nothing is kept.
     """
-    rejected = list(batch.rejected)
     async with conn.transaction():
+        stored = await _copy_optimistically(conn, stream, body)
+        if stored is not None:
+            return StoreResult(messages=stored, stored=stored, duplicates=0, rejected=0)
+        batch = decode_batch(body)
+        if not quarantine and batch.rejected:
+            raise BatchRejected(batch.rejected[0].reason, whole_body=batch.body_error is not None)
+        rejected = list(batch.rejected)
         stored = await _store_messages(conn, stream, batch.messages, rejected)
-        if not quarantine and len(rejected) > len(batch.rejected):
-            raise BatchRejected(rejected[len(batch.rejected)].reason)
+        if not quarantine and rejected:
+            raise BatchRejected(rejected[0].reason)
         if rejected:
             await _store_rejected(conn, stream, rejected)
     duplicates = len(batch.messages) - stored - (len(rejected) - len(batch.rejected))
-    return StoreResult(stored=stored, duplicates=duplicates, rejected=len(rejected))
+    return StoreResult(
+        messages=batch.size, stored=stored, duplicates=duplicates, rejected=len(rejected)
+    )
+
+
+async def _copy_optimistically(conn: Connection, stream: str, body: bytes) -> int | None:
+    """The common case, in one COPY: every message is new, valid and exactly re-encodable.
+
+    Messages are checked and encoded while the first ones are already on their way to
+    PostgreSQL. Returns None, having stored nothing, when the careful path is needed.
+    """
+    parsed = parse_array(body)
+    if parsed is None:
+        return None
+    if not parsed:
+        return 0
+
+    async def records() -> AsyncIterator[tuple[Any, ...]]:
+        for message in exact_messages(body, parsed):
+            yield _record(stream, message)
+
+    try:
+        async with conn.transaction():
+            await conn.copy_records_to_table("messages", records=records(), columns=MESSAGE_COLUMNS)
+    except NotExact:
+        return None
+    except asyncpg.PostgresError as exc:
+        # a message stored before (a re-sent batch) or a value PostgreSQL refuses
+        if not _is_refused_value(exc):
+            raise
+        return None
+    return len(parsed)
 
 
 async def _store_messages(
@@ -97,7 +144,7 @@ async def _store_messages(
     fresh = [(i, m) for i, m in by_identity.items() if i not in existing]
     if not fresh:
         return 0
-    records = [_record(stream, message, identity) for identity, message in fresh]
+    records = [_record(stream, message) for _, message in fresh]
     try:
         async with conn.transaction():
             # COPY is the fastest way in; it fails as a whole if another receiver got there first

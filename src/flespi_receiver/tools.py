@@ -1,0 +1,116 @@
+"""The load tools of the command line: `bench` and `emulate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+TOOL_COMMANDS = ("bench", "emulate")
+
+
+def add_tool_commands(commands: Any) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="measure the receiver against raw COPY and a naive receiver",
+        description="Measure the receiver against raw COPY and a naive receiver, on one database.",
+    )
+    bench.add_argument("--database-url", help="an existing server (default: embedded)")
+    bench.add_argument(
+        "--data-dir",
+        default=".data/bench-postgres",
+        type=Path,
+        help="embedded server folder (default: %(default)s)",
+    )
+    bench.add_argument("--count", type=int, default=20000, help="messages per run")
+    bench.add_argument(
+        "--batch-size",
+        type=int,
+        action="append",
+        dest="batch_sizes",
+        help="messages per batch; repeat for several (default: 1000)",
+    )
+    bench.add_argument("--gzip", action="store_true", help="gzip the request bodies")
+
+    emulate = commands.add_parser(
+        "emulate",
+        help="send realistic messages to a URL the way a flespi stream does",
+        description="Send realistic messages to URL like a flespi stream: one request at a "
+        "time, the same batch again until it gets a 200.",
+    )
+    emulate.add_argument("url")
+    emulate.add_argument("--count", type=int, default=10000, help="messages to send")
+    emulate.add_argument("--batch-size", type=int, default=1000)
+    emulate.add_argument(
+        "--authorization",
+        default=os.environ.get("FLESPI_EMULATE_AUTHORIZATION"),
+        help="Authorization header value (or $FLESPI_EMULATE_AUTHORIZATION)",
+    )
+    emulate.add_argument("--gzip", action="store_true", help="gzip the request bodies")
+    emulate.add_argument(
+        "--resend-rate",
+        type=float,
+        default=0.0,
+        help="share of acknowledged batches sent again, as after a lost reply",
+    )
+    emulate.add_argument("--seed", type=int, default=0)
+
+
+def run_tool(args: argparse.Namespace) -> int:
+    if args.command == "bench":
+        return _bench(args)
+    return asyncio.run(_emulate(args))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from flespi_receiver.bench import run_benchmark
+
+    sizes = args.batch_sizes or [1000]
+    gzip_level = 6 if args.gzip else None
+    if args.database_url:
+        asyncio.run(run_benchmark(args.database_url, sizes, args.count, gzip_level))
+        return 0
+    from flespi_receiver.embedded import EmbeddedPostgres
+
+    with EmbeddedPostgres(args.data_dir) as url:
+        asyncio.run(run_benchmark(url, sizes, args.count, gzip_level))
+    return 0
+
+
+async def _emulate(args: argparse.Namespace) -> int:
+    import time
+
+    from flespi_receiver.emulator import StreamEmulator, encode_messages, sample_messages
+
+    messages = encode_messages(sample_messages(args.count, seed=args.seed))
+    emulator = StreamEmulator(
+        args.url,
+        authorization=args.authorization,
+        gzip_level=6 if args.gzip else None,
+        resend_rate=args.resend_rate,
+        seed=args.seed,
+    )
+    started = time.perf_counter()
+    stats = await emulator.run(messages, args.batch_size)
+    seconds = time.perf_counter() - started
+    times = sorted(stats.reply_times) or [0.0]
+    summary = {
+        "messages": len(messages),
+        "seconds": round(seconds, 3),
+        "messages_per_second": round(len(messages) / seconds),
+        "batches": stats.batches,
+        "posts": stats.posts,
+        "statuses": stats.statuses,
+        "connection_errors": stats.connection_errors,
+        "resent_acknowledged": stats.resent_acknowledged,
+        "p50_ms": round(statistics.median(times) * 1000, 2),
+        "p99_ms": round(times[min(len(times) - 1, int(len(times) * 0.99))] * 1000, 2),
+        "max_ms": round(times[-1] * 1000, 2),
+    }
+    print(orjson.dumps(summary, option=orjson.OPT_NON_STR_KEYS).decode())
+    return 0
