@@ -19,7 +19,7 @@ from flespi_receiver.messages import columns, identity_of
 INSERT = """
 INSERT INTO {table} (stream, ident, ts, server_ts, channel_id, device_id, latitude, longitude,
                      payload, message_hash)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+VALUES ($1, $2, to_timestamp($3), to_timestamp($4), $5, $6, $7, $8, $9, $10)
 """
 
 

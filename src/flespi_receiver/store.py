@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from flespi_receiver.copy_format import copy_chunks
 from flespi_receiver.errors import BatchRejected
 from flespi_receiver.messages import (
     Message,
@@ -18,7 +19,7 @@ from flespi_receiver.messages import (
     decode_batch,
     exact_messages,
     identity_of,
-    parse_array,
+    split_elements,
 )
 
 # a plain connection or one borrowed from the pool
@@ -47,8 +48,11 @@ WHERE stream = $1 AND message_hash = ANY($2::bytea[])
 INSERT_MESSAGES = """
 INSERT INTO messages (stream, ident, ts, server_ts, channel_id, device_id, latitude, longitude,
                       payload, message_hash)
-SELECT $1, * FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[],
-                         $6::bigint[], $7::float8[], $8::float8[], $9::jsonb[], $10::bytea[])
+SELECT $1, ident, to_timestamp(ts), to_timestamp(server_ts), channel_id, device_id, latitude,
+       longitude, payload, message_hash
+FROM unnest($2::text[], $3::float8[], $4::float8[], $5::bigint[], $6::bigint[], $7::float8[],
+            $8::float8[], $9::jsonb[], $10::bytea[])
+     AS m(ident, ts, server_ts, channel_id, device_id, latitude, longitude, payload, message_hash)
 ON CONFLICT (stream, message_hash) DO NOTHING
 RETURNING message_hash
 """
@@ -108,19 +112,15 @@ async def _copy_optimistically(conn: Connection, stream: str, body: bytes) -> in
     Messages are checked and encoded while the first ones are already on their way to
     PostgreSQL. Returns None, having stored nothing, when the careful path is needed.
     """
-    parsed = parse_array(body)
-    if parsed is None:
+    elements = split_elements(body)
+    if elements is None:
         return None
-    if not parsed:
+    if not elements:
         return 0
-
-    async def records() -> AsyncIterator[tuple[Any, ...]]:
-        for message in exact_messages(body, parsed):
-            yield _record(stream, message)
 
     try:
         async with conn.transaction():
-            await conn.copy_records_to_table("messages", records=records(), columns=MESSAGE_COLUMNS)
+            await _copy(conn, copy_chunks(stream, exact_messages(elements)))
     except NotExact:
         return None
     except asyncpg.PostgresError as exc:
@@ -128,7 +128,7 @@ async def _copy_optimistically(conn: Connection, stream: str, body: bytes) -> in
         if not _is_refused_value(exc):
             raise
         return None
-    return len(parsed)
+    return len(elements)
 
 
 async def _store_messages(
@@ -144,22 +144,30 @@ async def _store_messages(
     fresh = [(i, m) for i, m in by_identity.items() if i not in existing]
     if not fresh:
         return 0
-    records = [_record(stream, message) for _, message in fresh]
     try:
         async with conn.transaction():
             # COPY is the fastest way in; it fails as a whole if another receiver got there first
-            await conn.copy_records_to_table("messages", records=records, columns=MESSAGE_COLUMNS)
-        return len(records)
+            await _copy(conn, copy_chunks(stream, (message for _, message in fresh)))
+        return len(fresh)
     except asyncpg.PostgresError as exc:
         if not _is_refused_value(exc):
             raise
     # another receiver stored some of these meanwhile, or PostgreSQL refused one of them
+    records = [_record(stream, message) for _, message in fresh]
     try:
         return await _insert_skipping_conflicts(conn, records)
     except asyncpg.PostgresError as exc:
         if not _is_refused_value(exc):
             raise
     return await _insert_one_by_one(conn, records, fresh, rejected)
+
+
+async def _copy(conn: Connection, chunks: Iterator[bytes]) -> None:
+    async def source() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    await conn.copy_to_table("messages", source=source(), columns=MESSAGE_COLUMNS, format="binary")
 
 
 async def _insert_skipping_conflicts(conn: Connection, records: list[tuple[Any, ...]]) -> int:
