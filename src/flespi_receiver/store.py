@@ -87,14 +87,14 @@ async def store_batch(
 
     With `quarantine` off, content that can't be stored raises BatchRejected and nothing is kept.
     """
+    stored = await _copy_optimistically(conn, stream, body)
+    if stored is not None:
+        return StoreResult(messages=stored, stored=stored, duplicates=0, rejected=0)
+    batch = decode_batch(body)
+    if not quarantine and batch.rejected:
+        raise BatchRejected(batch.rejected[0].reason, whole_body=batch.body_error is not None)
+    rejected = list(batch.rejected)
     async with conn.transaction():
-        stored = await _copy_optimistically(conn, stream, body)
-        if stored is not None:
-            return StoreResult(messages=stored, stored=stored, duplicates=0, rejected=0)
-        batch = decode_batch(body)
-        if not quarantine and batch.rejected:
-            raise BatchRejected(batch.rejected[0].reason, whole_body=batch.body_error is not None)
-        rejected = list(batch.rejected)
         stored = await _store_messages(conn, stream, batch.messages, rejected)
         if not quarantine and rejected:
             raise BatchRejected(rejected[0].reason)
@@ -110,7 +110,8 @@ async def _copy_optimistically(conn: Connection, stream: str, body: bytes) -> in
     """The common case, in one COPY: every message is new, valid and exactly re-encodable.
 
     Messages are checked and encoded while the first ones are already on their way to
-    PostgreSQL. Returns None, having stored nothing, when the careful path is needed.
+    PostgreSQL. In a transaction of its own, committed on success; returns None, having
+    stored nothing, when the careful path is needed.
     """
     elements = split_elements(body)
     if elements is None:

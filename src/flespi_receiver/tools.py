@@ -36,6 +36,12 @@ def add_tool_commands(commands: Any) -> None:
         help="messages per batch; repeat for several (default: 1000)",
     )
     bench.add_argument("--gzip", action="store_true", help="gzip the request bodies")
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="runs of each contender; the median is reported (default: 3)",
+    )
 
     emulate = commands.add_parser(
         "emulate",
@@ -73,12 +79,12 @@ def _bench(args: argparse.Namespace) -> int:
     sizes = args.batch_sizes or [1000]
     gzip_level = 6 if args.gzip else None
     if args.database_url:
-        asyncio.run(run_benchmark(args.database_url, sizes, args.count, gzip_level))
+        asyncio.run(run_benchmark(args.database_url, sizes, args.count, gzip_level, args.rounds))
         return 0
     from flespi_receiver.embedded import EmbeddedPostgres
 
     with EmbeddedPostgres(args.data_dir) as url:
-        asyncio.run(run_benchmark(url, sizes, args.count, gzip_level))
+        asyncio.run(run_benchmark(url, sizes, args.count, gzip_level, args.rounds))
     return 0
 
 
