@@ -25,6 +25,8 @@ _INT8 = struct.Struct(">iq")
 _FLOAT8 = struct.Struct(">id")
 _JSONB_HEADER = struct.Struct(">ib")  # length, then the jsonb format version 1
 _HASH_LENGTH = _LENGTH.pack(16)
+# ts, server_ts, channel_id, device_id, latitude, longitude: each a length and a value
+_FIXED_COLUMNS = struct.Struct(">iqiqiqiqidid")
 
 
 def _text(value: str | None) -> bytes:
@@ -34,11 +36,13 @@ def _text(value: str | None) -> bytes:
     return _LENGTH.pack(len(encoded)) + encoded
 
 
-def _timestamp(seconds: float | None) -> bytes:
-    if seconds is None:
-        return _NULL
+def _usecs(seconds: float) -> int:
     # rounded the way PostgreSQL's to_timestamp() rounds, so both paths store the same instant
-    return _INT8.pack(8, round(seconds * 1_000_000) - POSTGRES_EPOCH_USECS)
+    return round(seconds * 1_000_000) - POSTGRES_EPOCH_USECS
+
+
+def _timestamp(seconds: float | None) -> bytes:
+    return _NULL if seconds is None else _INT8.pack(8, _usecs(seconds))
 
 
 def _bigint(value: int | None) -> bytes:
@@ -52,18 +56,40 @@ def _float(value: float | None) -> bytes:
 def encode_row(stream_field: bytes, message: Message) -> bytes:
     """One row: stream, derived columns, payload and identity (the order of MESSAGE_COLUMNS)."""
     ident, ts, server_ts, channel_id, device_id, latitude, longitude = columns(message.data)
+    if None in (ts, server_ts, channel_id, device_id, latitude, longitude):
+        fixed = b"".join(
+            (
+                _timestamp(ts),
+                _timestamp(server_ts),
+                _bigint(channel_id),
+                _bigint(device_id),
+                _float(latitude),
+                _float(longitude),
+            )
+        )
+    else:
+        # the usual message has them all: one pack instead of six
+        fixed = _FIXED_COLUMNS.pack(
+            8,
+            _usecs(ts),
+            8,
+            _usecs(server_ts),
+            8,
+            channel_id,
+            8,
+            device_id,
+            8,
+            latitude,
+            8,
+            longitude,
+        )
     raw = message.raw
     return b"".join(
         (
             _FIELD_COUNT,
             stream_field,
             _text(ident),
-            _timestamp(ts),
-            _timestamp(server_ts),
-            _bigint(channel_id),
-            _bigint(device_id),
-            _float(latitude),
-            _float(longitude),
+            fixed,
             _JSONB_HEADER.pack(len(raw) + 1, 1),
             raw,
             _HASH_LENGTH,

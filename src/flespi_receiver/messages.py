@@ -31,8 +31,8 @@ _ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def identity_of(raw: bytes) -> bytes:
-    """The md5 of the text as sent: equal for a re-sent message, different otherwise."""
-    return hashlib.md5(raw, usedforsecurity=False).digest()
+    """SHA-256 of the text as sent, cut to 16 bytes: equal for a re-sent message, else not."""
+    return hashlib.sha256(raw).digest()[:16]
 
 
 @dataclass(slots=True)
@@ -103,7 +103,7 @@ def exact_messages(elements: Iterable[msgspec.Raw]) -> Iterator[Message]:
     to PostgreSQL while later ones are checked.
     """
     for element in elements:
-        text = memoryview(element)
+        text = bytes(element)  # comparing bytes to bytes is much faster than to a memoryview
         try:
             data = orjson.loads(text)
         except orjson.JSONDecodeError:

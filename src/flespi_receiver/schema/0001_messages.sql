@@ -12,7 +12,7 @@ CREATE TABLE messages (
     latitude     double precision,
     longitude    double precision,
     payload      jsonb       NOT NULL,
-    -- md5 of the message's JSON text as sent: its identity within the stream
+    -- first 16 bytes of the SHA-256 of the message's JSON text as sent: its identity in the stream
     message_hash bytea       NOT NULL,
     CONSTRAINT messages_identity UNIQUE (stream, message_hash)
 );
@@ -27,7 +27,7 @@ CREATE TABLE rejected_messages (
     received_at timestamptz NOT NULL DEFAULT now(),
     raw         bytea       NOT NULL,
     reason      text        NOT NULL,
-    -- md5 of raw: the same bad message sent again is kept once
+    -- first 16 bytes of the SHA-256 of raw: the same bad content sent again is kept once
     raw_hash    bytea       NOT NULL,
     CONSTRAINT rejected_messages_identity UNIQUE (stream, raw_hash)
 );
