@@ -209,3 +209,18 @@ async def check_stored_or_quarantined_once(
     assert again["stored"] == 0
     assert await count(db) == reply["stored"]
     assert (await post(client, orjson.dumps([flespi_message(7)])))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("element", "reason"), BAD_ELEMENTS[:8], ids=[r for _, r in BAD_ELEMENTS[:8]]
+)
+async def test_bad_message_in_a_large_batch(
+    receiver: ClientFactory, db: asyncpg.Connection, element: bytes, reason: str
+) -> None:
+    # large batches take the streaming COPY path first; a bad element must divert them whole
+    client = await receiver()
+    good = [orjson.dumps(flespi_message(i)) for i in range(120)]
+    body = b"[" + b",".join([*good[:70], element, *good[70:]]) + b"]"
+    assert await post(client, body) == (200, {"stored": 120, "duplicates": 0, "rejected": 1})
+    assert reason in await db.fetchval("SELECT reason FROM rejected_messages")
+    assert await count(db) == 120

@@ -184,3 +184,18 @@ async def test_unknown_path_and_wrong_method(receiver: ClientFactory) -> None:
     wrong = await client.get("/flespi", headers=AUTH)
     assert wrong.status == 405
     assert wrong.headers["Allow"] == "POST"
+
+
+async def test_large_resent_batch_with_new_messages(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver()
+    first = [flespi_message(i) for i in range(200)]
+    await client.post("/flespi", data=orjson.dumps(first), headers=AUTH)
+    again = first[100:] + [flespi_message(i) for i in range(200, 300)] + [first[150]]
+    reply = await client.post("/flespi", data=orjson.dumps(again), headers=AUTH)
+    assert await reply.json() == {"stored": 100, "duplicates": 101, "rejected": 0}
+    assert await count(db) == 300
+    # ids follow the order in which messages arrived
+    order = await db.fetch("SELECT device_id FROM messages ORDER BY id")
+    assert [r["device_id"] for r in order] == [500000 + i for i in range(300)]

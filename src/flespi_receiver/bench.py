@@ -58,7 +58,7 @@ def _with_database(url: str, database: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as probe:
@@ -202,7 +202,7 @@ async def bench_batch_size(
         await reset_tables(conn)
         runs = [await copy_reference(conn, encoded, size)]
         await reset_tables(conn)
-        port = _free_port()
+        port = free_port()
         config = receiver_config(workdir, url, port, 512 * 1024 * 1024)
         with process(
             [sys.executable, "-m", "flespi_receiver", "serve", "--config", str(config)]
@@ -222,7 +222,7 @@ async def bench_batch_size(
         if stored != count:
             raise RuntimeError(f"receiver stored {stored} of {count} messages")
         await reset_tables(conn)
-        port = _free_port()
+        port = free_port()
         naive = [
             sys.executable,
             "-m",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from flespi_receiver.copy_format import copy_chunks
@@ -63,6 +64,9 @@ SELECT $1, * FROM unnest($2::bytea[], $3::text[], $4::bytea[])
 ON CONFLICT (stream, raw_hash) DO NOTHING
 """
 
+# Up to this many messages, one INSERT statement beats COPY in a transaction.
+SMALL_BATCH = 50
+
 # SQLSTATE classes meaning "this message can't be stored": data exception, integrity constraint
 # (a CHECK or trigger a user added), program limit exceeded (e.g. nesting too deep)
 _REFUSED_VALUE_CLASSES = ("22", "23", "54")
@@ -87,9 +91,9 @@ async def store_batch(
 
     With `quarantine` off, content that can't be stored raises BatchRejected and nothing is kept.
     """
-    stored = await _copy_optimistically(conn, stream, body)
-    if stored is not None:
-        return StoreResult(messages=stored, stored=stored, duplicates=0, rejected=0)
+    optimistic = await _store_optimistically(conn, stream, body)
+    if optimistic is not None:
+        return optimistic
     batch = decode_batch(body)
     if not quarantine and batch.rejected:
         raise BatchRejected(batch.rejected[0].reason, whole_body=batch.body_error is not None)
@@ -106,19 +110,41 @@ async def store_batch(
     )
 
 
-async def _copy_optimistically(conn: Connection, stream: str, body: bytes) -> int | None:
+async def _store_optimistically(conn: Connection, stream: str, body: bytes) -> StoreResult | None:
+    """The common case: every message valid and exactly re-encodable. None: be careful."""
+    elements = split_elements(body)
+    if elements is None:
+        return None
+    if len(elements) > SMALL_BATCH:
+        stored = await _copy_optimistically(conn, stream, elements)
+        if stored is None:
+            return None
+        return StoreResult(messages=stored, stored=stored, duplicates=0, rejected=0)
+    # a small batch: one INSERT statement, atomic on its own, costs one round trip where COPY
+    # in a transaction costs four
+    try:
+        records = [_record(stream, message) for message in exact_messages(elements)]
+        stored = await _insert_skipping_conflicts(conn, records) if records else 0
+    except NotExact:
+        return None
+    except asyncpg.PostgresError as exc:
+        if not _is_refused_value(exc):
+            raise
+        return None
+    return StoreResult(
+        messages=len(records), stored=stored, duplicates=len(records) - stored, rejected=0
+    )
+
+
+async def _copy_optimistically(
+    conn: Connection, stream: str, elements: list[msgspec.Raw]
+) -> int | None:
     """The common case, in one COPY: every message is new, valid and exactly re-encodable.
 
     Messages are checked and encoded while the first ones are already on their way to
     PostgreSQL. In a transaction of its own, committed on success; returns None, having
     stored nothing, when the careful path is needed.
     """
-    elements = split_elements(body)
-    if elements is None:
-        return None
-    if not elements:
-        return 0
-
     try:
         async with conn.transaction():
             await _copy(conn, copy_chunks(stream, exact_messages(elements)))
@@ -156,7 +182,8 @@ async def _store_messages(
     # another receiver stored some of these meanwhile, or PostgreSQL refused one of them
     records = [_record(stream, message) for _, message in fresh]
     try:
-        return await _insert_skipping_conflicts(conn, records)
+        async with conn.transaction():
+            return await _insert_skipping_conflicts(conn, records)
     except asyncpg.PostgresError as exc:
         if not _is_refused_value(exc):
             raise
@@ -172,10 +199,10 @@ async def _copy(conn: Connection, chunks: Iterator[bytes]) -> None:
 
 
 async def _insert_skipping_conflicts(conn: Connection, records: list[tuple[Any, ...]]) -> int:
+    """One statement; atomic on its own, or part of the caller's transaction."""
     stream = records[0][0]
     arrays = [list(column) for column in zip(*records, strict=True)][1:]
-    async with conn.transaction():
-        return len(await conn.fetch(INSERT_MESSAGES, stream, *arrays))
+    return len(await conn.fetch(INSERT_MESSAGES, stream, *arrays))
 
 
 async def _insert_one_by_one(
@@ -188,7 +215,8 @@ async def _insert_one_by_one(
     stored = 0
     for record, (_, message) in zip(records, fresh, strict=True):
         try:
-            stored += await _insert_skipping_conflicts(conn, [record])
+            async with conn.transaction():
+                stored += await _insert_skipping_conflicts(conn, [record])
         except asyncpg.PostgresError as exc:
             if not _is_refused_value(exc):
                 raise

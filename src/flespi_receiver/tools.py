@@ -42,6 +42,20 @@ def add_tool_commands(commands: Any) -> None:
         default=3,
         help="runs of each contender; the median is reported (default: 3)",
     )
+    bench.add_argument(
+        "--growth",
+        type=int,
+        metavar="ROWS",
+        help="instead: the receiver's rate as the table grows to ROWS rows",
+    )
+    bench.add_argument("--growth-step", type=int, default=1_000_000, metavar="ROWS")
+    bench.add_argument(
+        "--memory",
+        type=int,
+        metavar="MESSAGES",
+        help="instead: peak RSS while ingesting MESSAGES, then one body of --max-body-size",
+    )
+    bench.add_argument("--max-body-size", type=int, default=64 * 1024 * 1024)
 
     emulate = commands.add_parser(
         "emulate",
@@ -74,18 +88,27 @@ def run_tool(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from flespi_receiver.bench import run_benchmark
-
-    sizes = args.batch_sizes or [1000]
-    gzip_level = 6 if args.gzip else None
     if args.database_url:
-        asyncio.run(run_benchmark(args.database_url, sizes, args.count, gzip_level, args.rounds))
+        asyncio.run(_bench_on(args.database_url, args))
         return 0
     from flespi_receiver.embedded import EmbeddedPostgres
 
     with EmbeddedPostgres(args.data_dir) as url:
-        asyncio.run(run_benchmark(url, sizes, args.count, gzip_level, args.rounds))
+        asyncio.run(_bench_on(url, args))
     return 0
+
+
+async def _bench_on(url: str, args: argparse.Namespace) -> None:
+    from flespi_receiver import bench, bench_scale
+
+    sizes = args.batch_sizes or [1000]
+    if args.growth:
+        await bench_scale.growth_curve(url, args.growth, args.growth_step, sizes[0])
+    elif args.memory:
+        await bench_scale.memory_profile(url, args.memory, args.max_body_size)
+    else:
+        gzip_level = 6 if args.gzip else None
+        await bench.run_benchmark(url, sizes, args.count, gzip_level, args.rounds)
 
 
 async def _emulate(args: argparse.Namespace) -> int:
