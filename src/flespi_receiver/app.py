@@ -11,8 +11,10 @@ from aiohttp import web
 
 from flespi_receiver.config import Settings, mask_url
 from flespi_receiver.health import add_health_routes
-from flespi_receiver.ingest import Limits, StreamEndpoint, error_response
-from flespi_receiver.state import ACCEPTING, POOL, SCHEMA
+from flespi_receiver.ingest import AccessPolicy, Limits, StreamEndpoint, error_response
+from flespi_receiver.metrics import Metrics
+from flespi_receiver.network import FailureLimiter
+from flespi_receiver.state import ACCEPTING, ENDPOINTS, METRICS, POOL, SCHEMA
 
 log = structlog.get_logger("flespi_receiver.app")
 
@@ -50,6 +52,7 @@ def pool_context(settings: Settings, dsn: str) -> Callable[[web.Application], As
             server_settings=connection_settings(settings),
             reset=_keep_session,
         )
+        app[METRICS].pool.pool = app[POOL]
         try:
             yield
         finally:
@@ -85,10 +88,34 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     add_health_routes(app)
     app.cleanup_ctx.append(pool_context(settings, dsn))
     limits = Limits(settings.server.max_body_size, settings.server.body_timeout)
-
+    app[METRICS] = metrics = Metrics()
+    server = settings.server
+    access = AccessPolicy(
+        allowed_networks=list(server.allowed_networks),
+        trusted_proxies=list(server.trusted_proxies),
+        limiter=FailureLimiter(server.auth_failures_per_minute),
+    )
+    app[ENDPOINTS] = {}
     for stream in settings.streams:
         if not stream.authorization:
             log.warning("stream accepts anonymous batches", stream=stream.name, path=stream.path)
-        endpoint = StreamEndpoint(stream, limits, settings.database.acquire_timeout)
+        endpoint = StreamEndpoint(
+            stream, limits, settings.database.acquire_timeout, access, metrics
+        )
+        app[ENDPOINTS][stream.name] = endpoint
         app.router.add_post(stream.path, endpoint.handle)
+    if settings.metrics.enabled and not settings.metrics.port:
+        app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    return request.app[METRICS].render()
+
+
+def create_metrics_app(metrics: Metrics) -> web.Application:
+    """/metrics on a host and port of its own ([metrics] port set)."""
+    app = web.Application()
+    app[METRICS] = metrics
+    app.router.add_get("/metrics", metrics_handler)
     return app

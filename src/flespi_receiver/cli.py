@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import asyncpg
 import orjson
 import structlog
-from aiohttp import web
 
 from flespi_receiver import __version__
-from flespi_receiver.app import connection_settings, create_app
-from flespi_receiver.config import Settings, config_path, load_settings, mask_url, masked_view
+from flespi_receiver.app import connection_settings
+from flespi_receiver.config import Settings, config_path, load_settings, masked_view
 from flespi_receiver.errors import ReceiverError
 from flespi_receiver.log import configure_logging
 from flespi_receiver.migrate import migrate
-from flespi_receiver.state import ACCEPTING
+from flespi_receiver.server import serve_app
 from flespi_receiver.tools import TOOL_COMMANDS, add_tool_commands, run_tool
 
 log = structlog.get_logger("flespi_receiver.cli")
@@ -58,36 +57,10 @@ async def apply_migrations(settings: Settings, dsn: str) -> None:
     )
 
 
-async def serve(settings: Settings, dsn: str) -> None:
-    """Migrate, serve until SIGTERM or SIGINT, then finish the batches in flight and stop."""
+async def serve(settings: Settings, dsn: str, config: Path) -> None:
+    """Migrate, then serve until SIGTERM or SIGINT."""
     await apply_migrations(settings, dsn)
-    app = create_app(settings, dsn)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=settings.server.shutdown_timeout,
-    )
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        site = web.TCPSite(runner, settings.server.host, settings.server.port)
-        await site.start()
-        log.info(
-            "serving",
-            address=site.name,
-            streams={s.name: s.path for s in settings.streams},
-            database=mask_url(dsn),
-        )
-        await stop.wait()
-        log.info("shutting down: finishing batches in flight")
-        app[ACCEPTING].clear()
-    finally:
-        await runner.cleanup()
-    log.info("stopped")
+    await serve_app(settings, dsn, config)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in TOOL_COMMANDS:
         return run_tool(args)
+    config = config_path(args.config)
     try:
-        settings = load_settings(config_path(args.config))
+        settings = load_settings(config)
     except ReceiverError as exc:
         print(f"flespi-receiver: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -130,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "migrate":
                 asyncio.run(apply_migrations(settings, dsn))
             else:
-                asyncio.run(serve(settings, dsn))
+                asyncio.run(serve(settings, dsn, config))
     except ReceiverError as exc:
         print(f"flespi-receiver: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     field_validator,
@@ -64,6 +65,31 @@ class ServerSettings(_Section):
     max_body_size: int = Field(64 * 1024 * 1024, ge=1024)
     body_timeout: float = Field(60.0, gt=0)
     shutdown_timeout: float = Field(30.0, gt=0)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    allowed_networks: list[IPvAnyNetwork] = Field(default_factory=list)
+    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list)
+    auth_failures_per_minute: int = Field(20, ge=0)
+
+    @field_validator("tls_cert", "tls_key")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {value} not found")
+        return value
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key, or neither")
+        return self
+
+
+class MetricsSettings(_Section):
+    enabled: bool = True
+    # port 0: /metrics is served on the main server; otherwise on host:port of its own
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
 
 
 class DatabaseSettings(_Section):
@@ -83,6 +109,7 @@ class StreamSettings(_Section):
     authorization: list[SecretStr] = Field(default_factory=list)
     allow_anonymous: bool = False
     on_invalid: Literal["quarantine", "reject"] = "quarantine"
+    allowed_networks: list[IPvAnyNetwork] = Field(default_factory=list)
 
     @field_validator("path")
     @classmethod
@@ -127,6 +154,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     database: DatabaseSettings = DatabaseSettings()
     log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
     streams: list[StreamSettings] = Field(min_length=1)
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+import uuid
 from dataclasses import dataclass
 
 import asyncpg
@@ -15,6 +16,8 @@ from pydantic import BaseModel
 
 from flespi_receiver.config import StreamSettings
 from flespi_receiver.errors import BatchRejected
+from flespi_receiver.metrics import Metrics
+from flespi_receiver.network import Address, FailureLimiter, Network, allowed, client_address
 from flespi_receiver.state import ACCEPTING, POOL
 from flespi_receiver.store import StoreResult, store_batch
 
@@ -60,6 +63,13 @@ def error_response(status: int, reason: str, **headers: str) -> web.Response:
     return json_response(status, {"error": reason}, **headers)
 
 
+def _reason(response: web.Response) -> str:
+    body = response.body
+    if isinstance(body, bytes):
+        return str(orjson.loads(body).get("error", ""))
+    return ""
+
+
 def authorized(header: str | None, accepted: list[bytes]) -> bool:
     """Constant-time check of the Authorization header against every accepted value."""
     if header is None:
@@ -69,48 +79,106 @@ def authorized(header: str | None, accepted: list[bytes]) -> bool:
     return any(matches)
 
 
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    """Who may post at all: server-wide networks, the proxies to believe, failed-auth limits."""
+
+    allowed_networks: list[Network]
+    trusted_proxies: list[Network]
+    limiter: FailureLimiter
+
+
 class StreamEndpoint:
     """Handles POSTs of one configured stream."""
 
-    def __init__(self, stream: StreamSettings, limits: Limits, acquire_timeout: float) -> None:
-        self.stream = stream
+    def __init__(
+        self,
+        stream: StreamSettings,
+        limits: Limits,
+        acquire_timeout: float,
+        access: AccessPolicy,
+        metrics: Metrics,
+    ) -> None:
         self.limits = limits
         self.acquire_timeout = acquire_timeout
+        self.access = access
+        self.metrics = metrics
+        self.reload(stream)
+
+    def reload(self, stream: StreamSettings) -> None:
+        """Take new credentials and networks (SIGHUP); batches in flight keep the old ones."""
+        self.stream = stream
         self.accepted_credentials = [
             v.get_secret_value().encode("utf-8") for v in stream.authorization
         ]
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        bound = log.bind(stream=self.stream.name, peer=request.remote)
-        if not request.app[ACCEPTING].is_set():
-            return error_response(503, "receiver is shutting down", **{"Retry-After": "1"})
-        if self.accepted_credentials and not authorized(
-            request.headers.get("Authorization"), self.accepted_credentials
-        ):
-            bound.warning("unauthorized", has_header="Authorization" in request.headers)
-            return error_response(401, "missing or wrong Authorization header")
-        refusal = self._refuse_headers(request)
-        if refusal is not None:
-            return refusal
-        try:
-            body = await asyncio.wait_for(request.read(), self.limits.body_timeout)
-        except TimeoutError:
-            return error_response(408, f"body not received within {self.limits.body_timeout}s")
-        except web.HTTPRequestEntityTooLarge:
-            return self._too_large()
-        response, result = await self._store(request.app[POOL], body, bound)
-        bound.info(
+        stream = self.stream
+        request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+        client = client_address(request.remote, request.headers, self.access.trusted_proxies)
+        bound = log.bind(stream=stream.name, request_id=request_id, client=str(client))
+        response, result, size = await self._answer(request, stream, client, bound)
+        duration = time.perf_counter() - started
+        self.metrics.requests.labels(stream.name, str(response.status)).inc()
+        self.metrics.duration.labels(stream.name).observe(duration)
+        event = bound.info if response.status == 200 else bound.warning
+        event(
             "batch",
             status=response.status,
-            bytes=len(body),
+            bytes=size,
             messages=result.messages if result else None,
             stored=result.stored if result else 0,
             duplicates=result.duplicates if result else 0,
             rejected=result.rejected if result else 0,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            duration_ms=round(duration * 1000, 2),
+            **({"reason": _reason(response)} if response.status != 200 else {}),
         )
+        response.headers["X-Request-Id"] = request_id
         return response
+
+    async def _answer(
+        self,
+        request: web.Request,
+        stream: StreamSettings,
+        client: Address | None,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> tuple[web.Response, StoreResult | None, int]:
+        if not request.app[ACCEPTING].is_set():
+            return error_response(503, "receiver is shutting down", **{"Retry-After": "1"}), None, 0
+        if not (
+            allowed(client, self.access.allowed_networks)
+            and allowed(client, list(stream.allowed_networks))
+        ):
+            return error_response(403, "address not allowed"), None, 0
+        key = str(client)
+        wait = self.access.limiter.retry_after(key)
+        if wait:
+            return (
+                error_response(
+                    429, "too many failed authentications", **{"Retry-After": str(wait)}
+                ),
+                None,
+                0,
+            )
+        if self.accepted_credentials and not authorized(
+            request.headers.get("Authorization"), self.accepted_credentials
+        ):
+            self.access.limiter.failed(key)
+            self.metrics.auth_failures.labels(stream.name).inc()
+            return error_response(401, "missing or wrong Authorization header"), None, 0
+        refusal = self._refuse_headers(request)
+        if refusal is not None:
+            return refusal, None, 0
+        try:
+            body = await asyncio.wait_for(request.read(), self.limits.body_timeout)
+        except TimeoutError:
+            reply = error_response(408, f"body not received within {self.limits.body_timeout}s")
+            return reply, None, 0
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large(), None, 0
+        response, result = await self._store(request.app[POOL], stream, body, bound)
+        return response, result, len(body)
 
     def _refuse_headers(self, request: web.Request) -> web.Response | None:
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
@@ -127,32 +195,40 @@ class StreamEndpoint:
         )
 
     async def _store(
-        self, pool: asyncpg.Pool, body: bytes, bound: structlog.typing.FilteringBoundLogger
+        self,
+        pool: asyncpg.Pool,
+        stream: StreamSettings,
+        body: bytes,
+        bound: structlog.typing.FilteringBoundLogger,
     ) -> tuple[web.Response, StoreResult | None]:
-        quarantine = self.stream.on_invalid == "quarantine"
+        quarantine = stream.on_invalid == "quarantine"
         try:
-            result = await self._store_retrying_deadlocks(pool, body, quarantine)
+            result = await self._store_retrying_deadlocks(pool, stream.name, body, quarantine)
         except BatchRejected as exc:
             return error_response(400 if exc.whole_body else 422, str(exc)), None
         except DATABASE_UNAVAILABLE as exc:
+            self.metrics.database_errors.labels(stream.name, type(exc).__name__).inc()
             bound.warning("database unavailable", error=f"{type(exc).__name__}: {exc}")
             return error_response(
                 503, "database unavailable, retry later", **{"Retry-After": RETRY_AFTER_SECONDS}
             ), None
+        self.metrics.batch_stored(
+            stream.name, result.messages, result.stored, result.duplicates, result.rejected
+        )
         reply = BatchReply(
             stored=result.stored, duplicates=result.duplicates, rejected=result.rejected
         )
         return json_response(200, reply.model_dump()), result
 
     async def _store_retrying_deadlocks(
-        self, pool: asyncpg.Pool, body: bytes, quarantine: bool
+        self, pool: asyncpg.Pool, stream: str, body: bytes, quarantine: bool
     ) -> StoreResult:
         # two receivers storing overlapping batches in different orders can deadlock; PostgreSQL
         # then aborts one of them, which simply tries again
         for attempt in range(DEADLOCK_ATTEMPTS):
             try:
                 async with pool.acquire(timeout=self.acquire_timeout) as conn:
-                    return await store_batch(conn, self.stream.name, body, quarantine=quarantine)
+                    return await store_batch(conn, stream, body, quarantine=quarantine)
             except asyncpg.TransactionRollbackError:
                 if attempt == DEADLOCK_ATTEMPTS - 1:
                     raise

@@ -1,0 +1,107 @@
+"""Running the application: listening (plain or TLS), /metrics apart, SIGHUP reloads, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from flespi_receiver.app import create_app, create_metrics_app
+from flespi_receiver.config import ServerSettings, Settings, load_settings, mask_url
+from flespi_receiver.errors import ConfigError
+from flespi_receiver.state import ACCEPTING, ENDPOINTS, METRICS
+
+log = structlog.get_logger("flespi_receiver.server")
+
+# keys a SIGHUP can change; anything else needs a restart
+RELOADABLE = "streams[].authorization, streams[].allowed_networks, server.tls_cert/tls_key"
+
+
+def tls_context(server: ServerSettings) -> ssl.SSLContext | None:
+    if server.tls_cert is None or server.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(server.tls_cert, server.tls_key)
+    return context
+
+
+def reload(
+    app: web.Application, config: Path, current: Settings, context: ssl.SSLContext | None
+) -> Settings:
+    """Apply a re-read config's credentials and certificates; keep the old config if invalid."""
+    try:
+        new = load_settings(config)
+    except ConfigError as exc:
+        log.error("reload refused: the old configuration stays", error=str(exc))
+        return current
+    endpoints = app[ENDPOINTS]
+    if {s.name: s.path for s in new.streams} != {s.name: s.path for s in current.streams}:
+        log.warning("reload: stream names and paths change only on restart")
+    for stream in new.streams:
+        if stream.name in endpoints:
+            endpoints[stream.name].reload(stream)
+    if context is not None and new.server.tls_cert and new.server.tls_key:
+        try:
+            # new connections get the new certificate; open ones keep theirs
+            context.load_cert_chain(new.server.tls_cert, new.server.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("reload: TLS files refused, the old certificate stays", error=str(exc))
+    log.info("configuration reloaded", reloadable=RELOADABLE)
+    return new
+
+
+async def serve_app(settings: Settings, dsn: str, config: Path) -> None:
+    """Serve until SIGTERM or SIGINT, then finish the batches in flight and stop."""
+    app = create_app(settings, dsn)
+    runners = [
+        web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=settings.server.shutdown_timeout,
+        )
+    ]
+    context = tls_context(settings.server)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    current = settings
+
+    def on_sighup() -> None:
+        nonlocal current
+        current = reload(app, config, current, context)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    try:
+        await runners[0].setup()
+        site = web.TCPSite(
+            runners[0], settings.server.host, settings.server.port, ssl_context=context
+        )
+        await site.start()
+        if settings.metrics.enabled and settings.metrics.port:
+            runners.append(web.AppRunner(create_metrics_app(app[METRICS]), access_log=None))
+            await runners[1].setup()
+            metrics_site = web.TCPSite(runners[1], settings.metrics.host, settings.metrics.port)
+            await metrics_site.start()
+            log.info("metrics", address=metrics_site.name)
+        log.info(
+            "serving",
+            address=site.name,
+            streams={s.name: s.path for s in settings.streams},
+            database=mask_url(dsn),
+        )
+        await stop.wait()
+        log.info("shutting down: finishing batches in flight")
+        app[ACCEPTING].clear()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+        for runner in runners:
+            await runner.cleanup()
+    log.info("stopped")
