@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 
 TOKEN = "Bearer test-token"
 AUTH = {"Authorization": TOKEN}
@@ -63,21 +64,30 @@ def config_file(tmp_path: Path, database_url: str, port: int, name: str = "recei
     return path
 
 
+def log_of(config: Path) -> Path:
+    """Where `receiver_process` writes the log of the receiver started with `config`."""
+    return config.with_suffix(".log")
+
+
+def log_events(config: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in log_of(config).read_text().splitlines()]
+
+
 @contextmanager
 def receiver_process(config: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`flespi-receiver serve` as its own process, killed at the end if still running."""
-    process = subprocess.Popen(
-        [str(SCRIPT), "serve"],
-        env={**os.environ, "FLESPI_RECEIVER_CONFIG": str(config)},
-        stderr=subprocess.PIPE,
-    )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()  # type: ignore[union-attr]
+    with log_of(config).open("ab") as log:  # a file, not a pipe: a full pipe would block it
+        process = subprocess.Popen(
+            [str(SCRIPT), "serve"],
+            env={**os.environ, "FLESPI_RECEIVER_CONFIG": str(config)},
+            stderr=log,
+        )
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 async def wait_until_serving(port: int, process: subprocess.Popen[bytes]) -> None:

@@ -20,6 +20,7 @@ from helpers import (
     count,
     flespi_message,
     free_port,
+    log_events,
     receiver_process,
     wait_until_serving,
 )
@@ -47,7 +48,7 @@ def test_migrate_command_is_idempotent(tmp_path: Path, database_url: str) -> Non
 
 
 async def test_serve_stores_batches_and_stops_on_sigterm(
-    serving: subprocess.Popen[bytes], port: int, db: asyncpg.Connection
+    serving: subprocess.Popen[bytes], port: int, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
     await wait_until_serving(port, serving)
     async with aiohttp.ClientSession() as session:
@@ -58,7 +59,7 @@ async def test_serve_stores_batches_and_stops_on_sigterm(
     serving.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(serving.wait, 20) == 0
     assert await count(db) == 10
-    events = [orjson.loads(line) for line in serving.stderr.read().splitlines()]  # type: ignore[union-attr]
+    events = log_events(tmp_path / "receiver.toml")
     batch = next(e for e in events if e["event"] == "batch")
     assert (batch["stream"], batch["messages"], batch["stored"]) == ("main", 10, 10)
     assert "duration_ms" in batch
@@ -83,6 +84,15 @@ async def test_sigterm_finishes_the_batch_in_flight(
         serving.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)
         assert serving.poll() is None, "receiver must wait for the batch in flight"
+        # meanwhile nothing new is taken: refused at the door, or 503 to be sent again
+        async with aiohttp.ClientSession() as late:
+            try:
+                async with late.post(
+                    f"http://127.0.0.1:{port}/flespi", data=body, headers=AUTH
+                ) as refused:
+                    assert refused.status == 503
+            except aiohttp.ClientConnectionError:
+                pass
         await transaction.rollback()  # release the lock: the batch can now commit
         reply = await request
         assert reply.status == 200

@@ -1,0 +1,200 @@
+"""Not open to the world: TLS, allowed networks, proxies that can't be spoofed, rotation, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from ipaddress import ip_address, ip_network
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+import trustme
+
+from flespi_receiver.emulator import StreamEmulator, encode_messages, sample_messages
+from flespi_receiver.network import client_address
+
+from conftest import ClientFactory
+from helpers import (
+    AUTH,
+    TOKEN,
+    config_file,
+    count,
+    flespi_message,
+    free_port,
+    log_of,
+    receiver_process,
+    wait_until_serving,
+)
+
+BODY = orjson.dumps([flespi_message(1)])
+FLESPI_RANGE = "185.213.2.0/24"
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "expected"),
+    [
+        ("127.0.0.1", {"X-Forwarded-For": "185.213.2.7"}, "185.213.2.7"),
+        ("127.0.0.1", {"X-Forwarded-For": "10.9.9.9, 185.213.2.7"}, "185.213.2.7"),
+        ("127.0.0.1", {"X-Forwarded-For": "185.213.2.7, 127.0.0.2"}, "185.213.2.7"),
+        ("127.0.0.1", {"Forwarded": 'for="[2001:db8::7]:4711";proto=https'}, "2001:db8::7"),
+        ("127.0.0.1", {"Forwarded": "for=185.213.2.7:1234, for=127.0.0.3"}, "185.213.2.7"),
+        ("127.0.0.1", {"X-Forwarded-For": "garbage"}, "127.0.0.1"),
+        ("127.0.0.1", {}, "127.0.0.1"),
+        ("192.0.2.1", {"X-Forwarded-For": "185.213.2.7"}, "192.0.2.1"),
+    ],
+    ids=[
+        "xff",
+        "xff-chain",
+        "proxy-hop",
+        "forwarded-v6",
+        "forwarded-chain",
+        "garbage",
+        "none",
+        "untrusted-peer",
+    ],
+)
+def test_client_address_believes_only_trusted_proxies(
+    peer: str, headers: dict[str, str], expected: str
+) -> None:
+    trusted = [ip_network("127.0.0.0/8")]
+    assert client_address(peer, headers, trusted) == ip_address(expected)
+
+
+async def test_allowed_networks_refuse_other_addresses_before_reading(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver(extra=f'allowed_networks = ["{FLESPI_RANGE}"]')
+    reply = await client.post("/flespi", data=BODY, headers=AUTH)
+    assert reply.status == 403
+    # a client cannot claim to be flespi when the peer is not a trusted proxy
+    spoofed = await client.post(
+        "/flespi", data=BODY, headers={**AUTH, "X-Forwarded-For": "185.213.2.7"}
+    )
+    assert spoofed.status == 403
+    assert await count(db) == 0
+
+
+async def test_behind_a_trusted_proxy_the_forwarded_address_counts(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver(
+        extra=f'allowed_networks = ["{FLESPI_RANGE}"]\ntrusted_proxies = ["127.0.0.1/32"]'
+    )
+    ok = await client.post("/flespi", data=BODY, headers={**AUTH, "X-Forwarded-For": "185.213.2.7"})
+    assert ok.status == 200
+    other = await client.post("/flespi", data=BODY, headers={**AUTH, "X-Forwarded-For": "10.0.0.1"})
+    assert other.status == 403
+    assert await count(db) == 1
+
+
+async def test_stream_networks_apply_to_their_stream(receiver: ClientFactory) -> None:
+    streams = """
+[[streams]]
+name = "main"
+path = "/flespi"
+authorization = ["Bearer test-token"]
+allowed_networks = ["10.0.0.0/8"]
+"""
+    client = await receiver(streams=streams)
+    assert (await client.post("/flespi", data=BODY, headers=AUTH)).status == 403
+
+
+async def test_repeated_auth_failures_slow_the_address_down(receiver: ClientFactory) -> None:
+    client = await receiver(extra="auth_failures_per_minute = 3")
+    wrong = {"Authorization": "Bearer guess"}
+    for _ in range(3):
+        assert (await client.post("/flespi", data=BODY, headers=wrong)).status == 401
+    # now even the right token waits: the address is told when to come back
+    slowed = await client.post("/flespi", data=BODY, headers=AUTH)
+    assert slowed.status == 429
+    assert 1 <= int(slowed.headers["Retry-After"]) <= 61
+
+
+async def test_https_with_a_certificate_made_for_the_test(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certificate.private_key_pem.write_to_path(str(key))
+    certificate.cert_chain_pems[0].write_to_path(str(cert))
+    port = free_port()
+    config = config_file(tmp_path, database_url, port)
+    config.write_text(
+        config.read_text().replace(
+            "[server]\n", f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+        )
+    )
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+    with receiver_process(config) as process:
+        connector = aiohttp.TCPConnector(ssl=client_context)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(200):
+                try:
+                    async with session.post(
+                        f"https://127.0.0.1:{port}/flespi", data=BODY, headers=AUTH
+                    ) as reply:
+                        assert reply.status == 200
+                        break
+                except aiohttp.ClientConnectorError:
+                    assert process.poll() is None
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("receiver did not answer over TLS")
+        async with aiohttp.ClientSession() as plain:
+            with pytest.raises(aiohttp.ClientError):
+                await plain.post(f"http://127.0.0.1:{port}/flespi", data=BODY, headers=AUTH)
+    assert await count(db) == 1
+
+
+async def test_sighup_rotates_credentials_under_load_without_failing_a_request(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    port = free_port()
+    config = config_file(tmp_path, database_url, port)
+    original = config.read_text()
+    url = f"http://127.0.0.1:{port}/flespi"
+    with receiver_process(config) as process:
+        await wait_until_serving(port, process)
+        emulator = StreamEmulator(url, authorization=TOKEN)
+        load = asyncio.create_task(
+            emulator.run(encode_messages(sample_messages(3000, seed=9)), batch_size=20)
+        )
+        await asyncio.sleep(0.3)
+        config.write_text(
+            original.replace('["Bearer test-token"]', '["Bearer test-token", "Bearer new"]')
+        )
+        process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        config.write_text("this is [not valid")  # refused: the previous settings stay
+        process.send_signal(signal.SIGHUP)
+        stats = await load
+        assert stats.non_200 == 0
+        assert stats.connection_errors == 0
+        async with aiohttp.ClientSession() as session:
+            new = {"Authorization": "Bearer new"}
+            async with session.post(url, data=BODY, headers=new) as reply:
+                assert reply.status == 200
+            config.write_text(original.replace('["Bearer test-token"]', '["Bearer new"]'))
+            process.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.3)
+            async with session.post(url, data=BODY, headers=AUTH) as reply:
+                assert reply.status == 401
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    lines = log_of(config).read_text().splitlines()
+    events = [orjson.loads(line) for line in lines]
+    assert any(e["event"] == "reload refused: the old configuration stays" for e in events)
+    assert sum(e["event"] == "configuration reloaded" for e in events) == 2
+    assert await count(db) == 3001
+    # log lines never carry a secret: not the tokens, not the database password
+    password = database_url.split(":")[2].split("@")[0]
+    for line in lines:
+        assert "test-token" not in line
+        assert "Bearer new" not in line
+        assert password not in line
