@@ -30,7 +30,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/hadolint Dockerfile
-	$(BIN)/python tests/check_compose.py docker-compose.yml
+	$(BIN)/python tests/check_compose.py docker-compose.yml deploy/docker-compose.yml
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy

@@ -53,13 +53,14 @@ def problems(compose: dict[str, object]) -> list[str]:
     return found
 
 
-def main(path: str) -> int:
-    compose = yaml.safe_load(Path(path).read_text())
-    found = problems(compose)
-    for problem in found:
-        print(f"{path}: {problem}", file=sys.stderr)
-    return 1 if found else 0
+def main(paths: list[str]) -> int:
+    failed = False
+    for path in paths:
+        for problem in problems(yaml.safe_load(Path(path).read_text())):
+            print(f"{path}: {problem}", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1]))
+    raise SystemExit(main(sys.argv[1:]))
