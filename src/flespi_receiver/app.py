@@ -24,11 +24,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def connection_settings(settings: Settings) -> dict[str, str]:
     """Session settings for every receiver connection."""
+    db = settings.database
+    on_off = {True: "on", False: "off"}
     return {
         "application_name": "flespi-receiver",
-        "search_path": settings.database.schema_name,
+        "search_path": db.schema_name,
         # a reply of 200 must survive a database crash, whatever the server's default
         "synchronous_commit": "on",
+        # read by the trigger on messages (schema/0002_device_state.sql)
+        "flespi_receiver.device_state": on_off[db.device_state],
+        "flespi_receiver.device_state_merge": on_off[db.device_state_merge],
+        "flespi_receiver.notify_channel": db.notify_channel,
     }
 
 

@@ -38,6 +38,12 @@ def _identifier(value: str) -> str:
     return value.lower()
 
 
+def _channel(value: str) -> str:
+    if value and not (value.replace("_", "a").isalnum() and value.isascii() and len(value) < 64):
+        raise ValueError("must be letters, digits and underscores (or empty for no NOTIFY)")
+    return value
+
+
 def _postgres_url(value: str) -> str:
     if not value:
         return value
@@ -101,6 +107,9 @@ class DatabaseSettings(_Section):
     pool_size: int = Field(4, ge=1, le=100)
     acquire_timeout: float = Field(10.0, gt=0)
     command_timeout: float = Field(60.0, gt=0)
+    device_state: bool = True
+    device_state_merge: bool = False
+    notify_channel: Annotated[str, AfterValidator(_channel)] = "flespi_messages"
 
 
 class StreamSettings(_Section):

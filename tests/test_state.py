@@ -1,0 +1,136 @@
+"""Device state and notifications: what apps read instead of scanning messages."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from conftest import ClientFactory
+from helpers import AUTH, count
+
+
+def message(ident: str | None, ts: float | None, **fields: Any) -> dict[str, Any]:
+    found: dict[str, Any] = {"ident": ident, "timestamp": ts, **fields}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+async def send(client: Any, *messages: dict[str, Any]) -> dict[str, int]:
+    reply = await client.post("/flespi", data=orjson.dumps(list(messages)), headers=AUTH)
+    assert reply.status == 200
+    result: dict[str, int] = await reply.json()
+    return result
+
+
+async def state(db: asyncpg.Connection, ident: str = "A") -> asyncpg.Record:
+    return await db.fetchrow(
+        "SELECT * FROM device_state WHERE stream = 'main' AND ident = $1", ident
+    )
+
+
+@pytest.mark.parametrize("filler", [0, 80], ids=["small-batch", "copy-batch"])
+async def test_state_is_the_latest_by_device_time_not_arrival(
+    receiver: ClientFactory, db: asyncpg.Connection, filler: int
+) -> None:
+    client = await receiver()
+    others = [message(f"other{i}", 1000 + i) for i in range(filler)]
+    await send(client, message("A", 100, speed=1), *others)
+    await send(client, message("A", 50, speed=2), message(None, 500, speed=3))  # late, no ident
+    latest = await state(db)
+    assert (latest["ts"].timestamp(), orjson.loads(latest["payload"])["speed"]) == (100, 1)
+    await send(client, message("A", 90, speed=4), message("A", 150, speed=5), message("A", 120))
+    latest = await state(db)
+    assert (latest["ts"].timestamp(), orjson.loads(latest["payload"])["speed"]) == (150, 5)
+    stored_id = await db.fetchval("SELECT id FROM messages WHERE payload->>'speed' = '5'")
+    assert latest["message_id"] == stored_id
+    assert await db.fetchval("SELECT count(*) FROM device_state") == 1 + filler
+
+
+TWO_STREAMS = """
+[[streams]]
+name = "main"
+path = "/flespi"
+authorization = ["Bearer test-token"]
+
+[[streams]]
+name = "other"
+path = "/other"
+authorization = ["Bearer test-token"]
+"""
+
+
+async def test_equal_times_resolve_the_same_whatever_the_order(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver(streams=TWO_STREAMS)
+    one, two = message("A", 100, speed=1), message("A", 100, speed=2)
+    await send(client, one, two)  # one order, in one batch
+    for item in (two, one):  # the other order, across batches, on the other stream
+        reply = await client.post("/other", data=orjson.dumps([item]), headers=AUTH)
+        assert reply.status == 200
+    states = await db.fetch("SELECT stream, payload FROM device_state ORDER BY stream")
+    assert [r["stream"] for r in states] == ["main", "other"]
+    assert states[0]["payload"] == states[1]["payload"]
+    winner = await db.fetchval(
+        "SELECT payload FROM messages WHERE stream = 'main' ORDER BY message_hash DESC LIMIT 1"
+    )
+    assert states[0]["payload"] == winner
+
+
+async def test_merge_keeps_the_last_known_value_of_every_parameter(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver(database="device_state_merge = true")
+    await send(
+        client,
+        message("A", 10, **{"position.latitude": 50.5, "position.longitude": 30.5, "fuel": 40}),
+        message("A", 20, fuel=38, ignition=True),  # no position: the last one stays
+    )
+    merged = await state(db)
+    assert (merged["latitude"], merged["longitude"], merged["ts"].timestamp()) == (50.5, 30.5, 20)
+    assert orjson.loads(merged["payload"]) == {
+        "ident": "A",
+        "timestamp": 20,
+        "position.latitude": 50.5,
+        "position.longitude": 30.5,
+        "fuel": 38,
+        "ignition": True,
+    }
+    await send(client, message("A", 5, fuel=99, door="open"))  # late: fills in, never overrides
+    late = await state(db)
+    assert orjson.loads(late["payload"])["fuel"] == 38
+    assert orjson.loads(late["payload"])["door"] == "open"
+    assert late["ts"].timestamp() == 20
+
+
+async def test_device_state_can_be_switched_off(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver(database="device_state = false")
+    await send(client, message("A", 10))
+    assert await count(db) == 1
+    assert await count(db, "device_state") == 0
+
+
+async def test_notification_after_each_commit(
+    receiver: ClientFactory, db: asyncpg.Connection, database_url: str
+) -> None:
+    client = await receiver()
+    listener = await asyncpg.connect(database_url)
+    received: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener("flespi_messages", lambda *args: received.put_nowait(args[3]))
+    try:
+        await send(client, message("A", 1), message("B", 2), message("C", 3))
+        note = orjson.loads(await asyncio.wait_for(received.get(), 5))
+        ids = [r["id"] for r in await db.fetch("SELECT id FROM messages ORDER BY id")]
+        assert note == {"stream": "main", "count": 3, "first_id": ids[0], "last_id": ids[-1]}
+        # a batch that stores nothing new says nothing
+        await send(client, message("A", 1))
+        await send(client, message("D", 4))
+        assert orjson.loads(await asyncio.wait_for(received.get(), 5))["count"] == 1
+        assert received.empty()
+    finally:
+        await listener.close()
