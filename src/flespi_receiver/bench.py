@@ -183,18 +183,22 @@ async def emulated_run(
     )
 
 
-def receiver_config(directory: Path, url: str, port: int, max_body: int) -> Path:
+def receiver_config(
+    directory: Path, url: str, port: int, max_body: int, device_state: bool = False
+) -> Path:
+    """The receiver's config; without device state it does what COPY does: store the rows."""
     config = directory / "bench.toml"
+    state = "true" if device_state else 'false\nnotify_channel = ""'
     config.write_text(
         f'[server]\nport = {port}\nmax_body_size = {max_body}\n[log]\nformat = "json"\n'
-        f'[database]\nurl = "{url}"\nschema = "{SCHEMA}"\n'
+        f'[database]\nurl = "{url}"\nschema = "{SCHEMA}"\ndevice_state = {state}\n'
         f'[[streams]]\nname = "main"\npath = "/flespi"\nauthorization = ["{TOKEN}"]\n'
     )
     return config
 
 
 async def bench_batch_size(
-    url: str, size: int, count: int, gzip_level: int | None, workdir: Path
+    url: str, size: int, count: int, gzip_level: int | None, workdir: Path, device_state: bool
 ) -> list[Run]:
     encoded = encode_messages(sample_messages(count, seed=size))
     conn = await asyncpg.connect(url, server_settings={"synchronous_commit": "on"})
@@ -203,7 +207,7 @@ async def bench_batch_size(
         runs = [await copy_reference(conn, encoded, size)]
         await reset_tables(conn)
         port = free_port()
-        config = receiver_config(workdir, url, port, 512 * 1024 * 1024)
+        config = receiver_config(workdir, url, port, 512 * 1024 * 1024, device_state)
         with process(
             [sys.executable, "-m", "flespi_receiver", "serve", "--config", str(config)]
         ) as proc:
@@ -288,7 +292,12 @@ def median_run(rounds: list[Run]) -> Run:
 
 
 async def run_benchmark(
-    admin_url: str, sizes: list[int], count: int, gzip_level: int | None, rounds: int = 3
+    admin_url: str,
+    sizes: list[int],
+    count: int,
+    gzip_level: int | None,
+    rounds: int = 3,
+    device_state: bool = False,
 ) -> dict[str, Any]:
     url = await prepare_database(admin_url)
     runs: list[Run] = []
@@ -298,7 +307,7 @@ async def run_benchmark(
             messages = max(count if size >= 100 else count // 10, size * 10)
             # the three contenders take turns, so that a busy moment hits all of them alike
             measured = [
-                await bench_batch_size(url, size, messages, gzip_level, Path(workdir))
+                await bench_batch_size(url, size, messages, gzip_level, Path(workdir), device_state)
                 for _ in range(rounds)
             ]
             runs.extend(median_run(list(group)) for group in zip(*measured, strict=True))

@@ -37,6 +37,11 @@ def add_tool_commands(commands: Any) -> None:
     )
     bench.add_argument("--gzip", action="store_true", help="gzip the request bodies")
     bench.add_argument(
+        "--device-state",
+        action="store_true",
+        help="keep device_state and send NOTIFY as by default (off: store rows only, like COPY)",
+    )
+    bench.add_argument(
         "--rounds",
         type=int,
         default=3,
@@ -108,7 +113,9 @@ async def _bench_on(url: str, args: argparse.Namespace) -> None:
         await bench_scale.memory_profile(url, args.memory, args.max_body_size)
     else:
         gzip_level = 6 if args.gzip else None
-        await bench.run_benchmark(url, sizes, args.count, gzip_level, args.rounds)
+        await bench.run_benchmark(
+            url, sizes, args.count, gzip_level, args.rounds, args.device_state
+        )
 
 
 async def _emulate(args: argparse.Namespace) -> int:
