@@ -15,6 +15,7 @@ import structlog
 
 from flespi_receiver import __version__
 from flespi_receiver.app import connection_settings
+from flespi_receiver.columns import apply_columns
 from flespi_receiver.config import Settings, config_path, load_settings, masked_view
 from flespi_receiver.errors import ReceiverError
 from flespi_receiver.log import configure_logging
@@ -48,6 +49,7 @@ async def apply_migrations(settings: Settings, dsn: str) -> None:
     conn = await asyncpg.connect(dsn, server_settings=connection_settings(settings))
     try:
         applied = await migrate(conn, settings.database.schema_name)
+        await apply_columns(conn, settings.columns)
     finally:
         await conn.close()
     log.info(

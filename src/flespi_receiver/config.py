@@ -27,6 +27,22 @@ ENV_PREFIX = "FLESPI_RECEIVER_"
 CONFIG_ENV = "FLESPI_RECEIVER_CONFIG"
 DEFAULT_CONFIG = Path("config.toml")
 MASK = "********"
+MESSAGE_COLUMN_NAMES = frozenset(
+    {
+        "id",
+        "stream",
+        "ident",
+        "ts",
+        "server_ts",
+        "received_at",
+        "channel_id",
+        "device_id",
+        "latitude",
+        "longitude",
+        "payload",
+        "message_hash",
+    }
+)
 
 
 def _identifier(value: str) -> str:
@@ -145,6 +161,22 @@ class StreamSettings(_Section):
         return self
 
 
+class ColumnSettings(_Section):
+    """One message parameter exposed as a typed column of the messages_typed view."""
+
+    name: Annotated[str, AfterValidator(_identifier)]
+    parameter: str = Field(min_length=1, max_length=1000)
+    type: Literal["text", "bigint", "double precision", "boolean", "timestamptz"]
+    index: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_messages_column(cls, value: str) -> str:
+        if value in MESSAGE_COLUMN_NAMES:
+            raise ValueError(f"{value!r} is already a column of messages")
+        return value
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -164,6 +196,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
+    columns: list[ColumnSettings] = Field(default_factory=list)
     streams: list[StreamSettings] = Field(min_length=1)
 
     @classmethod
@@ -177,6 +210,13 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # the environment wins over the file, which arrives as init values
         return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _unique_columns(self) -> Settings:
+        names = [c.name for c in self.columns]
+        if len(names) != len(set(names)):
+            raise ValueError("two [[columns]] have the same name")
+        return self
 
     @model_validator(mode="after")
     def _unique_streams(self) -> Settings:

@@ -1,0 +1,72 @@
+"""Typed columns for chosen parameters: the `messages_typed` view and its expression indexes.
+
+A view rather than stored columns: it needs no table rewrite and no work per insert, covers
+rows stored before the column was configured, and changes with the configuration in one
+statement. An optional expression index makes filters on a column as fast as on a real one.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import structlog
+
+from flespi_receiver.config import ColumnSettings
+from flespi_receiver.store import Connection
+
+log = structlog.get_logger("flespi_receiver.columns")
+
+VIEW = "messages_typed"
+CONVERSIONS = {
+    "text": "json_text",
+    "bigint": "json_bigint",
+    "double precision": "json_float",
+    "boolean": "json_boolean",
+    "timestamptz": "json_epoch",
+}
+LOCK = "SELECT pg_advisory_xact_lock(hashtext('flespi_receiver:columns:' || current_schema()))"
+EXISTING_INDEXES = """
+SELECT indexname FROM pg_indexes
+WHERE schemaname = current_schema() AND tablename = 'messages' AND indexname LIKE 'messages_typed_%'
+"""
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def expression(column: ColumnSettings) -> str:
+    """The SQL for one column: the parameter's value, converted, NULL when it does not fit."""
+    return f"{CONVERSIONS[column.type]}(payload -> {_literal(column.parameter)})"
+
+
+def view_sql(columns: list[ColumnSettings]) -> str:
+    typed = "".join(f",\n       {expression(c)} AS {c.name}" for c in columns)
+    return f"CREATE OR REPLACE VIEW {VIEW} AS\nSELECT messages.*{typed}\nFROM messages"
+
+
+async def apply_columns(conn: Connection, columns: list[ColumnSettings]) -> None:
+    """Make `messages_typed` and the requested indexes match the configuration."""
+    async with conn.transaction():
+        await conn.execute(LOCK)
+        try:
+            async with conn.transaction():
+                await conn.execute(view_sql(columns))
+        except asyncpg.InvalidTableDefinitionError:
+            # a column was removed, renamed or retyped: only a new view will do
+            await conn.execute(f"DROP VIEW {VIEW}")
+            await conn.execute(view_sql(columns))
+    existing = {row[0] for row in await conn.fetch(EXISTING_INDEXES)}
+    for column in columns:
+        name = f"messages_typed_{column.name}"
+        if column.index and name not in existing:
+            log.info(
+                "creating index", index=name, note="runs concurrently; big tables take a while"
+            )
+            # CONCURRENTLY: the stream keeps flowing while the index is built
+            await conn.execute(
+                f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} "
+                f"ON messages (({expression(column)}))"
+            )
+    wanted = {f"messages_typed_{c.name}" for c in columns if c.index}
+    for stale in sorted(existing - wanted):
+        log.warning("index no longer configured, kept; drop it by hand if unused", index=stale)
