@@ -1,0 +1,51 @@
+"""The SQL shown to users runs, as written, against the schema the receiver creates."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+
+from flespi_receiver.columns import apply_columns
+from flespi_receiver.config import ColumnSettings
+
+from conftest import ClientFactory
+from helpers import AUTH, flespi_message
+
+ROOT = Path(__file__).parent.parent
+SQL_BLOCK = re.compile(r"```sql\n(.*?)```", re.DOTALL)
+
+
+def statements(document: str) -> list[str]:
+    found = []
+    for block in SQL_BLOCK.findall((ROOT / document).read_text()):
+        for statement in block.split(";\n"):
+            code = (
+                "\n".join(
+                    line for line in statement.splitlines() if not line.strip().startswith("--")
+                )
+                .strip()
+                .rstrip(";")
+            )
+            if code:
+                found.append(code)
+    return found
+
+
+@pytest.mark.parametrize("document", ["docs/sql.md", "README.md"])
+async def test_documented_queries_run(
+    receiver: ClientFactory, db: asyncpg.Connection, document: str
+) -> None:
+    client = await receiver()
+    batch = [flespi_message(i, ident="352625333222111") for i in range(5)]
+    await client.post("/flespi", data=orjson.dumps(batch), headers=AUTH)
+    speed = ColumnSettings(name="speed", parameter="position.speed", type="double precision")
+    await apply_columns(db, [speed])
+    await db.execute("SET search_path = flespi, public")
+    found = statements(document)
+    assert found
+    for statement in found:
+        await db.execute(statement)
