@@ -20,6 +20,14 @@ TOKEN = "Bearer test-token"
 AUTH = {"Authorization": TOKEN}
 
 
+def streams_toml(*streams: tuple[str, str, str]) -> str:
+    """[[streams]] tables for (name, path, authorization value) triples."""
+    return "".join(
+        f'\n[[streams]]\nname = "{name}"\npath = "{path}"\nauthorization = ["{token}"]\n'
+        for name, path, token in streams
+    )
+
+
 def flespi_message(i: int, **extra: Any) -> dict[str, Any]:
     """A message shaped like those flespi sends: flat, dotted names, a few nested values."""
     message: dict[str, Any] = {

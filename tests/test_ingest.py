@@ -11,19 +11,12 @@ import orjson
 import pytest
 
 from conftest import ClientFactory
-from helpers import AUTH, count, flespi_message
+from helpers import AUTH, count, flespi_message, streams_toml
 
-TWO_STREAMS = """
-[[streams]]
-name = "main"
-path = "/flespi"
-authorization = ["Bearer test-token"]
-
-[[streams]]
-name = "backup"
-path = "/flespi/backup"
-authorization = ["Basic YmFja3VwOnNlY3JldA=="]
-"""
+TWO_STREAMS = streams_toml(
+    ("main", "/flespi", "Bearer test-token"),
+    ("backup", "/flespi/backup", "Basic YmFja3VwOnNlY3JldA=="),
+)
 
 
 async def test_batch_is_stored_with_payload_and_derived_columns(

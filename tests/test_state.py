@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from conftest import ClientFactory
-from helpers import AUTH, count
+from helpers import AUTH, count, streams_toml
 
 
 def message(ident: str | None, ts: float | None, **fields: Any) -> dict[str, Any]:
@@ -49,17 +49,9 @@ async def test_state_is_the_latest_by_device_time_not_arrival(
     assert await db.fetchval("SELECT count(*) FROM device_state") == 1 + filler
 
 
-TWO_STREAMS = """
-[[streams]]
-name = "main"
-path = "/flespi"
-authorization = ["Bearer test-token"]
-
-[[streams]]
-name = "other"
-path = "/other"
-authorization = ["Bearer test-token"]
-"""
+TWO_STREAMS = streams_toml(
+    ("main", "/flespi", "Bearer test-token"), ("other", "/other", "Bearer test-token")
+)
 
 
 async def test_equal_times_resolve_the_same_whatever_the_order(
@@ -134,3 +126,19 @@ async def test_notification_after_each_commit(
         assert received.empty()
     finally:
         await listener.close()
+
+
+async def test_inserts_from_any_session_keep_the_state(
+    receiver: ClientFactory, database_url: str
+) -> None:
+    # a backfill from psql, with the default search_path and none of the receiver's settings
+    await receiver()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO flespi.messages (stream, ident, ts, payload, message_hash) "
+            "VALUES ('main', 'A', now(), '{}', '\\x01')"
+        )
+        assert await conn.fetchval("SELECT count(*) FROM flespi.device_state") == 1
+    finally:
+        await conn.close()

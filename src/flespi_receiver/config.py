@@ -22,27 +22,13 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from flespi_receiver.errors import ConfigError
+from flespi_receiver.messages import MESSAGE_COLUMNS
 
 ENV_PREFIX = "FLESPI_RECEIVER_"
 CONFIG_ENV = "FLESPI_RECEIVER_CONFIG"
 DEFAULT_CONFIG = Path("config.toml")
 MASK = "********"
-MESSAGE_COLUMN_NAMES = frozenset(
-    {
-        "id",
-        "stream",
-        "ident",
-        "ts",
-        "server_ts",
-        "received_at",
-        "channel_id",
-        "device_id",
-        "latitude",
-        "longitude",
-        "payload",
-        "message_hash",
-    }
-)
+MESSAGE_COLUMN_NAMES = frozenset({"id", "received_at", *MESSAGE_COLUMNS})
 
 
 def _identifier(value: str) -> str:

@@ -29,6 +29,21 @@ _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|"|[\[\]{},]', re.DOTALL)
 _WHITESPACE = " \t\n\r"
 _ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
 
+# The columns of messages a batch fills, in the order rows are written (id and received_at
+# come from the database).
+MESSAGE_COLUMNS = (
+    "stream",
+    "ident",
+    "ts",
+    "server_ts",
+    "channel_id",
+    "device_id",
+    "latitude",
+    "longitude",
+    "payload",
+    "message_hash",
+)
+
 
 def identity_of(raw: bytes) -> bytes:
     """SHA-256 of the text as sent, cut to 16 bytes: equal for a re-sent message, else not."""

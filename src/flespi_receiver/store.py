@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ from asyncpg.pool import PoolConnectionProxy
 from flespi_receiver.copy_format import copy_chunks
 from flespi_receiver.errors import BatchRejected
 from flespi_receiver.messages import (
+    MESSAGE_COLUMNS,
     Message,
     NotExact,
     Rejected,
@@ -25,19 +26,6 @@ from flespi_receiver.messages import (
 
 # a plain connection or one borrowed from the pool
 Connection = asyncpg.Connection | PoolConnectionProxy
-
-MESSAGE_COLUMNS = (
-    "stream",
-    "ident",
-    "ts",
-    "server_ts",
-    "channel_id",
-    "device_id",
-    "latitude",
-    "longitude",
-    "payload",
-    "message_hash",
-)
 
 # Which of these messages does the stream already hold?
 EXISTING_MESSAGES = """
@@ -122,14 +110,14 @@ async def _store_optimistically(conn: Connection, stream: str, body: bytes) -> S
         return StoreResult(messages=stored, stored=stored, duplicates=0, rejected=0)
     # a small batch: one INSERT statement, atomic on its own, costs one round trip where COPY
     # in a transaction costs four
-    try:
-        records = [_record(stream, message) for message in exact_messages(elements)]
-        stored = await _insert_skipping_conflicts(conn, records) if records else 0
-    except NotExact:
-        return None
-    except asyncpg.PostgresError as exc:
-        if not _is_refused_value(exc):
-            raise
+    records: list[tuple[Any, ...]] = []
+
+    async def insert() -> int:
+        records.extend(_record(stream, message) for message in exact_messages(elements))
+        return await _insert_skipping_conflicts(conn, records) if records else 0
+
+    stored = await _unless_careful(insert())
+    if stored is None:
         return None
     return StoreResult(
         messages=len(records), stored=stored, duplicates=len(records) - stored, rejected=0
@@ -145,9 +133,19 @@ async def _copy_optimistically(
     PostgreSQL. In a transaction of its own, committed on success; returns None, having
     stored nothing, when the careful path is needed.
     """
-    try:
+
+    async def copy() -> int:
         async with conn.transaction():
             await _copy(conn, copy_chunks(stream, exact_messages(elements)))
+        return len(elements)
+
+    return await _unless_careful(copy())
+
+
+async def _unless_careful(attempt: Coroutine[Any, Any, int]) -> int | None:
+    """The attempt's result, or None when it met something only the careful path handles."""
+    try:
+        return await attempt
     except NotExact:
         return None
     except asyncpg.PostgresError as exc:
@@ -155,7 +153,6 @@ async def _copy_optimistically(
         if not _is_refused_value(exc):
             raise
         return None
-    return len(elements)
 
 
 async def _store_messages(
