@@ -192,3 +192,21 @@ async def test_large_resent_batch_with_new_messages(
     # ids follow the order in which messages arrived
     order = await db.fetch("SELECT device_id FROM messages ORDER BY id")
     assert [r["device_id"] for r in order] == [500000 + i for i in range(300)]
+
+
+async def test_partition_time_comes_from_the_message_alone(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver()
+    batch = [
+        {"ident": "a", "timestamp": 1764000000, "server.timestamp": 1764000009},
+        {"ident": "b", "server.timestamp": 1764000009},
+        {"ident": "c", "timestamp": "garbage"},
+    ]
+    await client.post("/flespi", data=orjson.dumps(batch), headers=AUTH)
+    times = await db.fetch("SELECT ident, partition_ts FROM messages ORDER BY ident")
+    assert [(r["ident"], r["partition_ts"].timestamp()) for r in times] == [
+        ("a", 1764000000),
+        ("b", 1764000009),
+        ("c", datetime(2000, 1, 1, tzinfo=UTC).timestamp()),
+    ]

@@ -136,8 +136,8 @@ async def test_inserts_from_any_session_keep_the_state(
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(
-            "INSERT INTO flespi.messages (stream, ident, ts, payload, message_hash) "
-            "VALUES ('main', 'A', now(), '{}', '\\x01')"
+            "INSERT INTO flespi.messages (stream, ident, ts, partition_ts, payload, message_hash) "
+            "VALUES ('main', 'A', now(), now(), '{}', '\\x01')"
         )
         assert await conn.fetchval("SELECT count(*) FROM flespi.device_state") == 1
     finally:

@@ -18,7 +18,7 @@ CHUNK_SIZE = 64 * 1024
 # microseconds between the Unix epoch and PostgreSQL's, 2000-01-01
 POSTGRES_EPOCH_USECS = 946684800 * 1_000_000
 
-_FIELD_COUNT = struct.pack(">h", 10)
+_FIELD_COUNT = struct.pack(">h", 11)
 _NULL = struct.pack(">i", -1)
 _LENGTH = struct.Struct(">i")
 _INT8 = struct.Struct(">iq")
@@ -54,8 +54,11 @@ def _float(value: float | None) -> bytes:
 
 
 def encode_row(stream_field: bytes, message: Message) -> bytes:
-    """One row: stream, derived columns, payload and identity (the order of MESSAGE_COLUMNS)."""
-    ident, ts, server_ts, channel_id, device_id, latitude, longitude = columns(message.data)
+    """One row, in the order of MESSAGE_COLUMNS: stream, derived columns, payload, identity,
+    partition time."""
+    ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts = columns(
+        message.data
+    )
     if None in (ts, server_ts, channel_id, device_id, latitude, longitude):
         fixed = b"".join(
             (
@@ -94,6 +97,7 @@ def encode_row(stream_field: bytes, message: Message) -> bytes:
             raw,
             _HASH_LENGTH,
             message.identity,
+            _INT8.pack(8, _usecs(partition_ts)),
         )
     )
 

@@ -42,7 +42,10 @@ MESSAGE_COLUMNS = (
     "longitude",
     "payload",
     "message_hash",
+    "partition_ts",
 )
+# partition_ts of a message with neither timestamp nor server.timestamp: 2000-01-01 UTC
+NO_TIME = 946684800.0
 
 
 def identity_of(raw: bytes) -> bytes:
@@ -278,14 +281,19 @@ def coordinate(value: Any, limit: float) -> float | None:
 
 
 def columns(data: dict[str, Any]) -> tuple[Any, ...]:
-    """The derived columns of a message: ident, ts, server_ts, channel_id, device_id, lat, lon."""
+    """The derived columns of a message, in the order of MESSAGE_COLUMNS without stream,
+    payload and message_hash: ident, ts, server_ts, channel_id, device_id, latitude,
+    longitude, and last partition_ts (ts, else server_ts, else NO_TIME)."""
     get = data.get
+    ts = epoch_seconds(get("timestamp"))
+    server_ts = epoch_seconds(get("server.timestamp"))
     return (
         text_of(get("ident")),
-        epoch_seconds(get("timestamp")),
-        epoch_seconds(get("server.timestamp")),
+        ts,
+        server_ts,
         bigint(get("channel.id")),
         bigint(get("device.id")),
         coordinate(get("position.latitude"), 90.0),
         coordinate(get("position.longitude"), 180.0),
+        ts if ts is not None else server_ts if server_ts is not None else NO_TIME,
     )

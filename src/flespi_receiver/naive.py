@@ -18,8 +18,8 @@ from flespi_receiver.messages import columns, identity_of
 
 INSERT = """
 INSERT INTO {table} (stream, ident, ts, server_ts, channel_id, device_id, latitude, longitude,
-                     payload, message_hash)
-VALUES ($1, $2, to_timestamp($3), to_timestamp($4), $5, $6, $7, $8, $9, $10)
+                     partition_ts, payload, message_hash)
+VALUES ($1, $2, to_timestamp($3), to_timestamp($4), $5, $6, $7, $8, to_timestamp($9), $10, $11)
 """
 
 

@@ -36,13 +36,14 @@ WHERE stream = $1 AND message_hash = ANY($2::bytea[])
 # The careful insert: skips what another receiver committed meanwhile, and says what it stored.
 INSERT_MESSAGES = """
 INSERT INTO messages (stream, ident, ts, server_ts, channel_id, device_id, latitude, longitude,
-                      payload, message_hash)
+                      partition_ts, payload, message_hash)
 SELECT $1, ident, to_timestamp(ts), to_timestamp(server_ts), channel_id, device_id, latitude,
-       longitude, payload, message_hash
+       longitude, to_timestamp(partition_ts), payload, message_hash
 FROM unnest($2::text[], $3::float8[], $4::float8[], $5::bigint[], $6::bigint[], $7::float8[],
-            $8::float8[], $9::jsonb[], $10::bytea[])
-     AS m(ident, ts, server_ts, channel_id, device_id, latitude, longitude, payload, message_hash)
-ON CONFLICT (stream, message_hash) DO NOTHING
+            $8::float8[], $9::float8[], $10::jsonb[], $11::bytea[])
+     AS m(ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts,
+          payload, message_hash)
+ON CONFLICT (stream, message_hash, partition_ts) DO NOTHING
 RETURNING message_hash
 """
 
