@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
@@ -14,10 +15,13 @@ from flespi_receiver.health import add_health_routes
 from flespi_receiver.ingest import AccessPolicy, Limits, StreamEndpoint, error_response
 from flespi_receiver.metrics import Metrics
 from flespi_receiver.network import FailureLimiter
+from flespi_receiver.partitions import maintain
 from flespi_receiver.state import ACCEPTING, ENDPOINTS, METRICS, POOL, SCHEMA
 
 log = structlog.get_logger("flespi_receiver.app")
 
+
+PARTITION_UPKEEP_SECONDS = 3600
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -85,6 +89,29 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(500, "internal error; the batch was not stored")
 
 
+def partition_upkeep(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Every hour: make the partitions ahead and drop those past retention."""
+
+    async def upkeep(app: web.Application) -> AsyncIterator[None]:
+        async def run() -> None:
+            while True:
+                await asyncio.sleep(PARTITION_UPKEEP_SECONDS)
+                try:
+                    async with app[POOL].acquire() as conn:
+                        await maintain(conn, settings.partitioning)
+                except Exception:  # the next hour tries again; batches are not affected
+                    log.exception("partition upkeep failed")
+
+        task = asyncio.create_task(run()) if settings.partitioning.interval != "none" else None
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return upkeep
+
+
 def create_app(settings: Settings, dsn: str) -> web.Application:
     """Build the application; nothing is connected until it starts."""
     app = web.Application(client_max_size=settings.server.max_body_size, middlewares=[json_errors])
@@ -93,6 +120,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app[SCHEMA] = settings.database.schema_name
     add_health_routes(app)
     app.cleanup_ctx.append(pool_context(settings, dsn))
+    app.cleanup_ctx.append(partition_upkeep(settings))
     limits = Limits(settings.server.max_body_size, settings.server.body_timeout)
     app[METRICS] = metrics = Metrics()
     server = settings.server

@@ -20,6 +20,7 @@ from flespi_receiver.config import Settings, config_path, load_settings, masked_
 from flespi_receiver.errors import ReceiverError
 from flespi_receiver.log import configure_logging
 from flespi_receiver.migrate import migrate
+from flespi_receiver.partitions import ensure_partitioned, maintain
 from flespi_receiver.server import serve_app
 from flespi_receiver.tools import TOOL_COMMANDS, add_tool_commands, run_tool
 
@@ -49,6 +50,8 @@ async def apply_migrations(settings: Settings, dsn: str) -> None:
     conn = await asyncpg.connect(dsn, server_settings=connection_settings(settings))
     try:
         applied = await migrate(conn, settings.database.schema_name)
+        await ensure_partitioned(conn, settings.partitioning)
+        await maintain(conn, settings.partitioning)
         await apply_columns(conn, settings.columns)
     finally:
         await conn.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -163,6 +164,22 @@ class ColumnSettings(_Section):
         return value
 
 
+class PartitioningSettings(_Section):
+    """Native time partitioning of messages by partition_ts."""
+
+    interval: Literal["none", "day", "week", "month"] = "none"
+    ahead: int = Field(3, ge=1, le=366)
+    # drop partitions whose whole range is older than this, e.g. "90 days"; "" keeps all
+    retention: str = ""
+
+    @field_validator("retention")
+    @classmethod
+    def _interval(cls, value: str) -> str:
+        if value and not re.fullmatch(r"\d+ (day|week|month|year)s?", value.strip()):
+            raise ValueError('must be like "90 days", "12 weeks", "6 months" or "1 year"')
+        return value.strip()
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -183,6 +200,7 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     columns: list[ColumnSettings] = Field(default_factory=list)
+    partitioning: PartitioningSettings = PartitioningSettings()
     streams: list[StreamSettings] = Field(min_length=1)
 
     @classmethod
