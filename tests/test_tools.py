@@ -64,3 +64,50 @@ def test_bench_prints_the_comparison(pg_server: Server) -> None:
     assert run["receiver_vs_copy"] > 0
     assert run["receiver_vs_naive"] > 0
     assert "receiver/COPY" in result.stdout
+
+
+def test_growth_and_memory_benchmarks_run(pg_server: Server) -> None:
+    base = [str(SCRIPT), "bench", "--database-url", pg_server.url]
+    growth = subprocess.run(
+        [*base, "--growth", "2000", "--growth-step", "1000", "--count", "300"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert growth.returncode == 0, growth.stderr
+    curve = orjson.loads(growth.stdout.splitlines()[-1])["growth"]
+    assert [point["rows"] for point in curve] == [0, 1300, 2600]
+    memory = subprocess.run(
+        [*base, "--memory", "3000", "--max-body-size", "4194304"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert memory.returncode == 0, memory.stderr
+    summary = orjson.loads(memory.stdout.splitlines()[-1])
+    assert summary["messages_streamed"] == 3000
+    assert 3.9 < summary["big_body_mb"] <= 4.0
+
+
+async def test_emulate_can_give_up_on_a_refused_batch(receiver: ClientFactory) -> None:
+    client = await receiver()
+    command = [
+        str(SCRIPT),
+        "emulate",
+        str(client.make_url("/flespi")),
+        "--count",
+        "10",
+        "--authorization",
+        "Bearer wrong",
+        "--max-attempts",
+        "3",
+    ]
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    _, stderr = await process.communicate()
+    assert process.returncode == 1
+    assert b"not acknowledged after 3 attempts" in stderr
+    assert b"Traceback" not in stderr

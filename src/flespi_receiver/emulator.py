@@ -109,6 +109,7 @@ class StreamEmulator:
         retry_delay: float = 0.05,
         timeout: float = 60.0,
         seed: int = 0,
+        max_attempts: int | None = None,
     ) -> None:
         self.url = url
         self.headers = {"Content-Type": "application/json"}
@@ -121,6 +122,8 @@ class StreamEmulator:
         self.retry_delay = retry_delay
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.rng = random.Random(seed)
+        # None: like flespi, try forever; a number: give up loudly (benchmarks, load tests)
+        self.max_attempts = max_attempts
         self.stats = EmulatorStats()
 
     def _body(self, messages: Sequence[bytes]) -> bytes:
@@ -132,7 +135,14 @@ class StreamEmulator:
     async def deliver(self, session: aiohttp.ClientSession, messages: Sequence[bytes]) -> None:
         """POST one batch until it gets a 200, as flespi does."""
         body = self._body(messages)
+        attempts = 0
         while True:
+            attempts += 1
+            if self.max_attempts is not None and attempts > self.max_attempts:
+                raise RuntimeError(
+                    f"batch of {len(messages)} not acknowledged after {self.max_attempts} "
+                    f"attempts; replies so far: {self.stats.statuses}"
+                )
             self.stats.posts += 1
             started = time.perf_counter()
             try:

@@ -107,18 +107,17 @@ class StreamEndpoint:
 
     def reload(self, stream: StreamSettings) -> None:
         """Take new credentials and networks (SIGHUP); batches in flight keep the old ones."""
-        self.stream = stream
-        self.accepted_credentials = [
-            v.get_secret_value().encode("utf-8") for v in stream.authorization
-        ]
+        credentials = [v.get_secret_value().encode("utf-8") for v in stream.authorization]
+        # one assignment: a request sees the old settings or the new ones, never a mix
+        self.current = (stream, credentials)
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        stream = self.stream
+        stream, credentials = self.current
         request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
         client = client_address(request.remote, request.headers, self.access.trusted_proxies)
         bound = log.bind(stream=stream.name, request_id=request_id, client=str(client))
-        response, result, size = await self._answer(request, stream, client, bound)
+        response, result, size = await self._answer(request, stream, credentials, client, bound)
         duration = time.perf_counter() - started
         self.metrics.requests.labels(stream.name, str(response.status)).inc()
         self.metrics.duration.labels(stream.name).observe(duration)
@@ -141,6 +140,7 @@ class StreamEndpoint:
         self,
         request: web.Request,
         stream: StreamSettings,
+        credentials: list[bytes],
         client: Address | None,
         bound: structlog.typing.FilteringBoundLogger,
     ) -> tuple[web.Response, StoreResult | None, int]:
@@ -161,9 +161,7 @@ class StreamEndpoint:
                 None,
                 0,
             )
-        if self.accepted_credentials and not authorized(
-            request.headers.get("Authorization"), self.accepted_credentials
-        ):
+        if credentials and not authorized(request.headers.get("Authorization"), credentials):
             self.access.limiter.failed(key)
             self.metrics.auth_failures.labels(stream.name).inc()
             return error_response(401, "missing or wrong Authorization header"), None, 0

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +85,21 @@ def add_tool_commands(commands: Any) -> None:
         help="share of acknowledged batches sent again, as after a lost reply",
     )
     emulate.add_argument("--seed", type=int, default=0)
+    emulate.add_argument(
+        "--max-attempts",
+        type=int,
+        help="give up on a batch after this many tries (default: retry forever, as flespi does)",
+    )
 
 
 def run_tool(args: argparse.Namespace) -> int:
-    if args.command == "bench":
-        return _bench(args)
-    return asyncio.run(_emulate(args))
+    try:
+        if args.command == "bench":
+            return _bench(args)
+        return asyncio.run(_emulate(args))
+    except RuntimeError as exc:  # a batch never acknowledged, a receiver that did not start
+        print(f"flespi-receiver {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -108,7 +118,7 @@ async def _bench_on(url: str, args: argparse.Namespace) -> None:
 
     sizes = args.batch_sizes or [1000]
     if args.growth:
-        await bench_scale.growth_curve(url, args.growth, args.growth_step, sizes[0])
+        await bench_scale.growth_curve(url, args.growth, args.growth_step, sizes[0], args.count)
     elif args.memory:
         await bench_scale.memory_profile(url, args.memory, args.max_body_size)
     else:
@@ -130,6 +140,7 @@ async def _emulate(args: argparse.Namespace) -> int:
         gzip_level=6 if args.gzip else None,
         resend_rate=args.resend_rate,
         seed=args.seed,
+        max_attempts=args.max_attempts,
     )
     started = time.perf_counter()
     stats = await emulator.run(messages, args.batch_size)
