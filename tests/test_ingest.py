@@ -210,3 +210,22 @@ async def test_partition_time_comes_from_the_message_alone(
         ("b", 1764000009),
         ("c", datetime(2000, 1, 1, tzinfo=UTC).timestamp()),
     ]
+
+
+async def test_both_write_paths_store_the_same_instants(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    # times whose microseconds sit on a rounding edge; the message comes once in a large
+    # batch (COPY) and once alone (INSERT): it must be recognised as the same both ways
+    edgy = [{"ident": f"e{i}", "timestamp": 1764000000 + i + 0.0000005} for i in range(3)]
+    filler = [flespi_message(i) for i in range(80)]
+    client = await receiver()
+    await client.post("/flespi", data=orjson.dumps(filler + edgy[:2]), headers=AUTH)
+    for message in edgy:
+        reply = await client.post("/flespi", data=orjson.dumps([message]), headers=AUTH)
+        assert (await reply.json())["stored"] == (1 if message is edgy[2] else 0)
+    big_again = await client.post("/flespi", data=orjson.dumps(filler + edgy), headers=AUTH)
+    assert (await big_again.json())["duplicates"] == 83
+    times = await db.fetch("SELECT ts, partition_ts FROM messages WHERE ident LIKE 'e%'")
+    assert all(r["ts"] == r["partition_ts"] for r in times)
+    assert await count(db) == 83

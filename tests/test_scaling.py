@@ -49,4 +49,4 @@ async def test_unique_constraints_hold_distribution_and_time_columns(
     assert not_null
     # exactly once rests on a unique key the database enforces
     keys = [tuple(r["columns"]) for r in indexes if r["table_name"] == "messages"]
-    assert ("stream", "message_hash", "partition_ts") in keys
+    assert ("stream", "partition_ts", "message_hash") in keys

@@ -10,13 +10,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator
 
-from flespi_receiver.messages import Message, columns
+from flespi_receiver.messages import Message, columns, postgres_usecs
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 TRAILER = struct.pack(">h", -1)
 CHUNK_SIZE = 64 * 1024
-# microseconds between the Unix epoch and PostgreSQL's, 2000-01-01
-POSTGRES_EPOCH_USECS = 946684800 * 1_000_000
 
 _FIELD_COUNT = struct.pack(">h", 11)
 _NULL = struct.pack(">i", -1)
@@ -36,13 +34,8 @@ def _text(value: str | None) -> bytes:
     return _LENGTH.pack(len(encoded)) + encoded
 
 
-def _usecs(seconds: float) -> int:
-    # rounded the way PostgreSQL's to_timestamp() rounds, so both paths store the same instant
-    return round(seconds * 1_000_000) - POSTGRES_EPOCH_USECS
-
-
 def _timestamp(seconds: float | None) -> bytes:
-    return _NULL if seconds is None else _INT8.pack(8, _usecs(seconds))
+    return _NULL if seconds is None else _INT8.pack(8, postgres_usecs(seconds))
 
 
 def _bigint(value: int | None) -> bytes:
@@ -74,9 +67,9 @@ def encode_row(stream_field: bytes, message: Message) -> bytes:
         # the usual message has them all: one pack instead of six
         fixed = _FIXED_COLUMNS.pack(
             8,
-            _usecs(ts),
+            postgres_usecs(ts),
             8,
-            _usecs(server_ts),
+            postgres_usecs(server_ts),
             8,
             channel_id,
             8,
@@ -97,7 +90,7 @@ def encode_row(stream_field: bytes, message: Message) -> bytes:
             raw,
             _HASH_LENGTH,
             message.identity,
-            _INT8.pack(8, _usecs(partition_ts)),
+            _INT8.pack(8, postgres_usecs(partition_ts)),
         )
     )
 

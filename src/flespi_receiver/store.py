@@ -17,6 +17,7 @@ from flespi_receiver.messages import (
     Message,
     NotExact,
     Rejected,
+    as_datetime,
     columns,
     decode_batch,
     exact_messages,
@@ -29,21 +30,20 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 
 # Which of these messages does the stream already hold?
 EXISTING_MESSAGES = """
-SELECT message_hash FROM messages
-WHERE stream = $1 AND message_hash = ANY($2::bytea[])
+SELECT m.message_hash
+FROM unnest($2::timestamptz[], $3::bytea[]) AS k(partition_ts, message_hash)
+JOIN messages m
+  ON m.stream = $1 AND m.partition_ts = k.partition_ts AND m.message_hash = k.message_hash
 """
 
 # The careful insert: skips what another receiver committed meanwhile, and says what it stored.
 INSERT_MESSAGES = """
 INSERT INTO messages (stream, ident, ts, server_ts, channel_id, device_id, latitude, longitude,
                       partition_ts, payload, message_hash)
-SELECT $1, ident, to_timestamp(ts), to_timestamp(server_ts), channel_id, device_id, latitude,
-       longitude, to_timestamp(partition_ts), payload, message_hash
-FROM unnest($2::text[], $3::float8[], $4::float8[], $5::bigint[], $6::bigint[], $7::float8[],
-            $8::float8[], $9::float8[], $10::jsonb[], $11::bytea[])
-     AS m(ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts,
-          payload, message_hash)
-ON CONFLICT (stream, message_hash, partition_ts) DO NOTHING
+SELECT $1, * FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[],
+                         $6::bigint[], $7::float8[], $8::float8[], $9::timestamptz[],
+                         $10::jsonb[], $11::bytea[])
+ON CONFLICT (stream, partition_ts, message_hash) DO NOTHING
 RETURNING message_hash
 """
 
@@ -70,7 +70,23 @@ class StoreResult:
 
 
 def _record(stream: str, message: Message) -> tuple[Any, ...]:
-    return (stream, *columns(message.data), message.raw.decode(), message.identity)
+    """The row as INSERT_MESSAGES takes it (times as exact datetimes, like the COPY rows)."""
+    ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts = columns(
+        message.data
+    )
+    return (
+        stream,
+        ident,
+        as_datetime(ts),
+        as_datetime(server_ts),
+        channel_id,
+        device_id,
+        latitude,
+        longitude,
+        as_datetime(partition_ts),
+        message.raw.decode(),
+        message.identity,
+    )
 
 
 async def store_batch(
@@ -164,7 +180,9 @@ async def _store_messages(
         by_identity.setdefault(message.identity, message)
     if not by_identity:
         return 0
-    existing = {row[0] for row in await conn.fetch(EXISTING_MESSAGES, stream, list(by_identity))}
+    keys = [(as_datetime(columns(m.data)[-1]), identity) for identity, m in by_identity.items()]
+    found = await conn.fetch(EXISTING_MESSAGES, stream, *map(list, zip(*keys, strict=True)))
+    existing = {row[0] for row in found}
     # arrival order, so that ids increase in the order flespi sent the messages
     fresh = [(i, m) for i, m in by_identity.items() if i not in existing]
     if not fresh:
