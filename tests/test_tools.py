@@ -8,18 +8,30 @@ import subprocess
 import asyncpg
 import orjson
 
-from conftest import ClientFactory, Server
+from conftest import Client, ClientFactory, Server
 from helpers import SCRIPT, TOKEN, count
+
+
+async def emulate(client: Client, *options: str) -> tuple[int | None, bytes, bytes]:
+    """`flespi-receiver emulate` against the test receiver, as a user runs it."""
+    process = await asyncio.create_subprocess_exec(
+        str(SCRIPT),
+        "emulate",
+        str(client.make_url("/flespi")),
+        *options,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    return process.returncode, stdout, stderr
 
 
 async def test_emulate_delivers_every_message_once(
     receiver: ClientFactory, db: asyncpg.Connection
 ) -> None:
     client = await receiver()
-    command = [
-        str(SCRIPT),
-        "emulate",
-        str(client.make_url("/flespi")),
+    returncode, stdout, _ = await emulate(
+        client,
         "--count",
         "250",
         "--batch-size",
@@ -29,10 +41,8 @@ async def test_emulate_delivers_every_message_once(
         "--resend-rate",
         "0.5",
         "--gzip",
-    ]
-    process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE)
-    stdout, _ = await process.communicate()
-    assert process.returncode == 0
+    )
+    assert returncode == 0
     summary = orjson.loads(stdout)
     assert summary["messages"] == 250
     assert summary["statuses"] == {"200": summary["posts"]}
@@ -94,21 +104,9 @@ def test_growth_and_memory_benchmarks_run(pg_server: Server) -> None:
 
 async def test_emulate_can_give_up_on_a_refused_batch(receiver: ClientFactory) -> None:
     client = await receiver()
-    command = [
-        str(SCRIPT),
-        "emulate",
-        str(client.make_url("/flespi")),
-        "--count",
-        "10",
-        "--authorization",
-        "Bearer wrong",
-        "--max-attempts",
-        "3",
-    ]
-    process = await asyncio.create_subprocess_exec(
-        *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    returncode, _, stderr = await emulate(
+        client, "--count", "10", "--authorization", "Bearer wrong", "--max-attempts", "3"
     )
-    _, stderr = await process.communicate()
-    assert process.returncode == 1
+    assert returncode == 1
     assert b"not acknowledged after 3 attempts" in stderr
     assert b"Traceback" not in stderr

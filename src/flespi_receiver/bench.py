@@ -28,7 +28,8 @@ import orjson
 
 from flespi_receiver.copy_format import copy_chunks
 from flespi_receiver.emulator import StreamEmulator, batches_of, encode_messages, sample_messages
-from flespi_receiver.messages import MESSAGE_COLUMNS, Message
+from flespi_receiver.fields import MESSAGE_COLUMNS
+from flespi_receiver.messages import Message
 from flespi_receiver.migrate import migrate
 
 BENCH_DATABASE = "flespi_bench"

@@ -23,7 +23,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from flespi_receiver.errors import ConfigError
-from flespi_receiver.messages import MESSAGE_COLUMNS
+from flespi_receiver.fields import MESSAGE_COLUMNS
 
 ENV_PREFIX = "FLESPI_RECEIVER_"
 CONFIG_ENV = "FLESPI_RECEIVER_CONFIG"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator
 
-from flespi_receiver.messages import Message, columns, postgres_usecs
+from flespi_receiver.fields import columns, postgres_usecs
+from flespi_receiver.messages import Message
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 TRAILER = struct.pack(">h", -1)

@@ -14,7 +14,8 @@ import sys
 import asyncpg
 from aiohttp import web
 
-from flespi_receiver.messages import columns, identity_of
+from flespi_receiver.fields import columns
+from flespi_receiver.messages import identity_of
 
 INSERT = """
 INSERT INTO {table} (stream, ident, ts, server_ts, channel_id, device_id, latitude, longitude,

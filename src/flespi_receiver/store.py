@@ -12,13 +12,11 @@ from asyncpg.pool import PoolConnectionProxy
 
 from flespi_receiver.copy_format import copy_chunks
 from flespi_receiver.errors import BatchRejected
+from flespi_receiver.fields import MESSAGE_COLUMNS, as_datetime, columns
 from flespi_receiver.messages import (
-    MESSAGE_COLUMNS,
     Message,
     NotExact,
     Rejected,
-    as_datetime,
-    columns,
     decode_batch,
     exact_messages,
     identity_of,
