@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -56,6 +57,10 @@ async def _prepare_template(url: str) -> None:
         await conn.close()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     external = os.environ.get(TEST_URL_ENV)
@@ -65,10 +70,13 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         return
     server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres") / "data")
     url = server.start()
+    # a SIGTERM (a CI timeout, a killed run) unwinds like Ctrl-C, so the server is stopped too
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         asyncio.run(_prepare_template(url))
         yield Server(url, server)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.stop()
 
 
