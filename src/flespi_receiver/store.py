@@ -185,22 +185,26 @@ async def _store_messages(
     fresh = [(i, m) for i, m in by_identity.items() if i not in existing]
     if not fresh:
         return 0
-    try:
+
+    async def copy() -> int:
         async with conn.transaction():
             # COPY is the fastest way in; it fails as a whole if another receiver got there first
             await _copy(conn, copy_chunks(stream, (message for _, message in fresh)))
         return len(fresh)
-    except asyncpg.PostgresError as exc:
-        if not _is_refused_value(exc):
-            raise
+
+    stored = await _unless_careful(copy())
+    if stored is not None:
+        return stored
     # another receiver stored some of these meanwhile, or PostgreSQL refused one of them
     records = [_record(stream, message) for _, message in fresh]
-    try:
+
+    async def insert() -> int:
         async with conn.transaction():
             return await _insert_skipping_conflicts(conn, records)
-    except asyncpg.PostgresError as exc:
-        if not _is_refused_value(exc):
-            raise
+
+    stored = await _unless_careful(insert())
+    if stored is not None:
+        return stored
     return await _insert_one_by_one(conn, records, fresh, rejected)
 
 
