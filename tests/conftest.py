@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -24,15 +23,11 @@ from aiohttp.test_utils import TestClient
 from flespi_receiver.app import create_app
 from flespi_receiver.config import Settings, load_settings
 from flespi_receiver.embedded import EmbeddedPostgres
-from flespi_receiver.migrate import migrate
+from flespi_receiver.migrate import create_migrated_database, with_database
 
 TEST_URL_ENV = "FLESPI_RECEIVER_TEST_DATABASE_URL"
 TEMPLATE = "flespi_receiver_test_template"
 SCHEMA = "flespi"
-
-
-def with_database(url: str, database: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
 
 
 @dataclass
@@ -44,17 +39,7 @@ class Server:
 
 
 async def _prepare_template(url: str) -> None:
-    admin = await asyncpg.connect(url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {TEMPLATE}")
-    finally:
-        await admin.close()
-    conn = await asyncpg.connect(with_database(url, TEMPLATE))
-    try:
-        await migrate(conn, SCHEMA)
-    finally:
-        await conn.close()
+    await create_migrated_database(url, TEMPLATE, SCHEMA)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -54,12 +53,6 @@ async def count(db: asyncpg.Connection, table: str = "messages") -> int:
 
 
 SCRIPT = Path(sys.executable).parent / "flespi-receiver"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def config_file(tmp_path: Path, database_url: str, port: int, name: str = "receiver") -> Path:

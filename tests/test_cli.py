@@ -13,13 +13,14 @@ import asyncpg
 import orjson
 import pytest
 
+from flespi_receiver.embedded import free_port
+
 from helpers import (
     AUTH,
     SCRIPT,
     config_file,
     count,
     flespi_message,
-    free_port,
     log_events,
     receiver_process,
     wait_until_serving,

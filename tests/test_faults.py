@@ -17,7 +17,7 @@ import asyncpg
 import orjson
 import pytest
 
-from flespi_receiver.embedded import EmbeddedPostgres
+from flespi_receiver.embedded import EmbeddedPostgres, free_port
 from flespi_receiver.emulator import StreamEmulator, encode_messages, sample_messages
 from flespi_receiver.state import POOL
 
@@ -29,7 +29,6 @@ from helpers import (
     count,
     duplicated,
     flespi_message,
-    free_port,
     receiver_process,
     wait_for_lock_wait,
     wait_until_serving,

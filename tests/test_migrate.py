@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from flespi_receiver.migrate import migrate, migrations, pending_migrations
+from flespi_receiver.migrate import migrate, migrations, pending_migrations, with_database
 
-from conftest import Server, with_database
+from conftest import Server
 
 
 @pytest.fixture

@@ -11,14 +11,13 @@ import asyncpg
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from flespi_receiver.embedded import EmbeddedPostgres
+from flespi_receiver.embedded import EmbeddedPostgres, free_port
 
 from conftest import ClientFactory
 from helpers import (
     AUTH,
     config_file,
     flespi_message,
-    free_port,
     receiver_process,
     wait_until_serving,
 )

@@ -12,11 +12,12 @@ import orjson
 import pytest
 
 from flespi_receiver.config import PartitioningSettings
+from flespi_receiver.embedded import free_port
 from flespi_receiver.errors import ConfigError
 from flespi_receiver.partitions import ensure_partitioned, maintain, periods_around
 
 from conftest import ClientFactory
-from helpers import AUTH, SCRIPT, config_file, count, free_port
+from helpers import AUTH, SCRIPT, config_file, count
 
 MONTHLY = PartitioningSettings(interval="month", ahead=2)
 BOUNDARY = datetime(2026, 11, 1, tzinfo=UTC).timestamp()

@@ -14,6 +14,7 @@ import orjson
 import pytest
 import trustme
 
+from flespi_receiver.embedded import free_port
 from flespi_receiver.emulator import StreamEmulator, encode_messages, sample_messages
 from flespi_receiver.network import client_address
 
@@ -24,7 +25,6 @@ from helpers import (
     config_file,
     count,
     flespi_message,
-    free_port,
     log_of,
     receiver_process,
     wait_until_serving,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from typing import Any
 
 import asyncpg
 import orjson
@@ -50,25 +51,21 @@ async def test_emulate_delivers_every_message_once(
     assert await count(db) == 250
 
 
-def test_bench_prints_the_comparison(pg_server: Server) -> None:
+def bench(server: Server, *options: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """`flespi-receiver bench` on the test server; the process and its closing JSON line."""
     result = subprocess.run(
-        [
-            str(SCRIPT),
-            "bench",
-            "--database-url",
-            pg_server.url,
-            "--count",
-            "300",
-            "--batch-size",
-            "100",
-        ],
+        [str(SCRIPT), "bench", "--database-url", server.url, *options],
         capture_output=True,
         text=True,
         check=False,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    summary = orjson.loads(result.stdout.splitlines()[-1])
+    return result, orjson.loads(result.stdout.splitlines()[-1])
+
+
+def test_bench_prints_the_comparison(pg_server: Server) -> None:
+    result, summary = bench(pg_server, "--count", "300", "--batch-size", "100", "--rounds", "1")
     (run,) = summary["batches"]
     assert run["flespi-receiver"]["messages"] == 1000
     assert run["receiver_vs_copy"] > 0
@@ -77,29 +74,12 @@ def test_bench_prints_the_comparison(pg_server: Server) -> None:
 
 
 def test_growth_and_memory_benchmarks_run(pg_server: Server) -> None:
-    base = [str(SCRIPT), "bench", "--database-url", pg_server.url]
-    growth = subprocess.run(
-        [*base, "--growth", "2000", "--growth-step", "1000", "--count", "300"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-    assert growth.returncode == 0, growth.stderr
-    curve = orjson.loads(growth.stdout.splitlines()[-1])["growth"]
+    _, growth = bench(pg_server, "--growth", "2000", "--growth-step", "1000", "--count", "300")
     # each point is measured three times with 300 new messages
-    assert [point["rows"] for point in curve] == [0, 1900, 3800]
-    memory = subprocess.run(
-        [*base, "--memory", "3000", "--max-body-size", "4194304"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-    assert memory.returncode == 0, memory.stderr
-    summary = orjson.loads(memory.stdout.splitlines()[-1])
-    assert summary["messages_streamed"] == 3000
-    assert 3.9 < summary["big_body_mb"] <= 4.0
+    assert [point["rows"] for point in growth["growth"]] == [0, 1900, 3800]
+    _, memory = bench(pg_server, "--memory", "3000", "--max-body-size", "4194304")
+    assert memory["messages_streamed"] == 3000
+    assert 3.9 < memory["big_body_mb"] <= 4.0
 
 
 async def test_emulate_can_give_up_on_a_refused_batch(receiver: ClientFactory) -> None:

@@ -21,16 +21,16 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 
 from flespi_receiver.copy_format import copy_chunks
+from flespi_receiver.embedded import free_port
 from flespi_receiver.emulator import StreamEmulator, batches_of, encode_messages, sample_messages
 from flespi_receiver.fields import MESSAGE_COLUMNS
 from flespi_receiver.messages import Message
-from flespi_receiver.migrate import migrate
+from flespi_receiver.migrate import create_migrated_database
 
 BENCH_DATABASE = "flespi_bench"
 SCHEMA = "flespi"
@@ -55,18 +55,6 @@ class Run:
         return self.messages / self.seconds
 
 
-def _with_database(url: str, database: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def peak_rss_mb(pid: int) -> float:
     """The process's peak resident memory (VmHWM), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -76,16 +64,9 @@ def peak_rss_mb(pid: int) -> float:
 
 
 async def prepare_database(admin_url: str) -> str:
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {BENCH_DATABASE}")
-    finally:
-        await admin.close()
-    url = _with_database(admin_url, BENCH_DATABASE)
+    url = await create_migrated_database(admin_url, BENCH_DATABASE, SCHEMA)
     conn = await asyncpg.connect(url)
     try:
-        await migrate(conn, SCHEMA)
         for table in ("copy_reference", "naive_reference"):
             await conn.execute(
                 f"CREATE TABLE {SCHEMA}.{table} (LIKE {SCHEMA}.messages INCLUDING ALL)"

@@ -21,13 +21,13 @@ from flespi_receiver.bench import (
     COUNT_STORED,
     SCHEMA,
     TOKEN,
-    free_port,
     peak_rss_mb,
     prepare_database,
     process,
     receiver_config,
     wait_for_port,
 )
+from flespi_receiver.embedded import free_port
 from flespi_receiver.emulator import (
     StreamEmulator,
     encode_messages,

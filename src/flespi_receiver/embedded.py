@@ -39,7 +39,8 @@ def _bin_dir() -> Path:
     return Path(spec.origin).parent / "pginstall" / "bin"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -171,7 +172,7 @@ class EmbeddedPostgres:
         self._init()
         self._stop_leftover()
         # a restart keeps the port, so that clients holding the URL find the server again
-        self.port = self.port or _free_port()
+        self.port = self.port or free_port()
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} "
             "-c unix_socket_directories='' -c max_connections=200"

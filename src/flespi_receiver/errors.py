@@ -11,10 +11,6 @@ class ConfigError(ReceiverError):
     """The configuration file or environment is invalid."""
 
 
-class DatabaseUnavailable(ReceiverError):
-    """PostgreSQL could not be reached or dropped the connection; the batch was not stored."""
-
-
 class BatchRejected(ReceiverError):
     """A stream in `on_invalid = "reject"` mode got content that can't be stored as it is."""
 

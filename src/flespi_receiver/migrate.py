@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
 
 from flespi_receiver.store import Connection
 
@@ -66,3 +69,26 @@ async def migrate(conn: Connection, schema: str) -> list[Migration]:
                 await conn.execute(RECORD_MIGRATION, migration.version, migration.name)
                 applied_now.append(migration)
     return applied_now
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URL, naming another database."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
+
+
+async def create_migrated_database(admin_url: str, database: str, schema: str) -> str:
+    """Drop and create `database` (a name of our own, not user input), migrate it, return
+    its URL: the fresh databases of the benchmark and the tests' template."""
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {database}")
+    finally:
+        await admin.close()
+    url = with_database(admin_url, database)
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn, schema)
+    finally:
+        await conn.close()
+    return url
