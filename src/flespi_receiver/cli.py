@@ -23,6 +23,7 @@ from flespi_receiver.migrate import migrate
 from flespi_receiver.partitions import ensure_partitioned, maintain
 from flespi_receiver.server import serve_app
 from flespi_receiver.tools import TOOL_COMMANDS, add_tool_commands, run_tool
+from flespi_receiver.trigger import apply_trigger
 
 log = structlog.get_logger("flespi_receiver.cli")
 
@@ -53,6 +54,7 @@ async def apply_migrations(settings: Settings, dsn: str) -> None:
         await ensure_partitioned(conn, settings.partitioning)
         await maintain(conn, settings.partitioning)
         await apply_columns(conn, settings.columns)
+        await apply_trigger(conn, settings.database)
     finally:
         await conn.close()
     log.info(

@@ -1,0 +1,82 @@
+"""The trigger on messages exists only while device state or notifications need it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import orjson
+import pytest
+from test_state import message, send, state
+
+from flespi_receiver.cli import apply_migrations
+from flespi_receiver.config import PartitioningSettings
+from flespi_receiver.partitions import ensure_partitioned
+
+from conftest import ClientFactory, SettingsFactory
+from helpers import count
+
+BOTH_OFF = 'device_state = false\nnotify_channel = ""'
+NOTIFY_ONLY = 'device_state = false\nnotify_channel = "batches"'
+
+HAS_TRIGGER = """
+SELECT count(*) = 1 FROM pg_trigger
+WHERE tgname = 'messages_after_insert' AND tgrelid = 'messages'::regclass
+"""
+
+
+async def notifications(
+    database_url: str, channel: str
+) -> tuple[asyncpg.Connection, asyncio.Queue[str]]:
+    listener = await asyncpg.connect(database_url)
+    received: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener(channel, lambda *args: received.put_nowait(args[3]))
+    return listener, received
+
+
+@pytest.mark.parametrize("partitioned", [False, True], ids=["plain", "partitioned"])
+async def test_trigger_follows_the_settings(
+    make_settings: SettingsFactory,
+    receiver: ClientFactory,
+    db: asyncpg.Connection,
+    database_url: str,
+    partitioned: bool,
+) -> None:
+    if partitioned:
+        await ensure_partitioned(db, PartitioningSettings(interval="month"))
+    # both off: the trigger goes, and with it its cost; messages are stored all the same
+    off = make_settings(database=BOTH_OFF)
+    await apply_migrations(off, database_url)
+    assert not await db.fetchval(HAS_TRIGGER)
+    client = await receiver(database=BOTH_OFF)
+    await send(client, message("A", 10))
+    assert await count(db) == 1
+    assert await state(db) is None
+    # notifications on: the trigger is back and notifies, device state stays off
+    await apply_migrations(make_settings(database=NOTIFY_ONLY), database_url)
+    assert await db.fetchval(HAS_TRIGGER)
+    listener, received = await notifications(database_url, "batches")
+    try:
+        client = await receiver(database=NOTIFY_ONLY)
+        await send(client, message("A", 20))
+        assert orjson.loads(await asyncio.wait_for(received.get(), 5))["count"] == 1
+        assert await state(db) is None
+    finally:
+        await listener.close()
+    # the defaults: device state kept again
+    await apply_migrations(make_settings(), database_url)
+    client = await receiver()
+    await send(client, message("A", 30))
+    assert (await state(db))["ts"].timestamp() == 30
+    assert await count(db) == 3
+
+
+async def test_an_unchanged_setting_leaves_the_trigger_alone(
+    make_settings: SettingsFactory, db: asyncpg.Connection, database_url: str
+) -> None:
+    oid = await db.fetchval("SELECT oid FROM pg_trigger WHERE tgname = 'messages_after_insert'")
+    await apply_migrations(make_settings(), database_url)
+    assert (
+        await db.fetchval("SELECT oid FROM pg_trigger WHERE tgname = 'messages_after_insert'")
+        == oid
+    )
