@@ -96,11 +96,15 @@ def encode_row(stream_field: bytes, message: Message) -> bytes:
     )
 
 
-def copy_chunks(stream: str, messages: Iterable[Message]) -> Iterator[bytes]:
-    """The COPY data for `messages`, cut into chunks of about CHUNK_SIZE bytes."""
-    stream_field = _text(stream)
-    parts = [HEADER]
-    size = len(HEADER)
+def stream_field(stream: str) -> bytes:
+    """The stream column of every row of a batch, encoded once."""
+    return _text(stream)
+
+
+def row_chunks(stream_field: bytes, messages: Iterable[Message]) -> Iterator[bytes]:
+    """Rows for `messages` (no header or trailer), in chunks of about CHUNK_SIZE bytes."""
+    parts: list[bytes] = []
+    size = 0
     for message in messages:
         row = encode_row(stream_field, message)
         parts.append(row)
@@ -108,5 +112,12 @@ def copy_chunks(stream: str, messages: Iterable[Message]) -> Iterator[bytes]:
         if size >= CHUNK_SIZE:
             yield b"".join(parts)
             parts, size = [], 0
-    parts.append(TRAILER)
-    yield b"".join(parts)
+    if parts:
+        yield b"".join(parts)
+
+
+def copy_chunks(stream: str, messages: Iterable[Message]) -> Iterator[bytes]:
+    """The whole COPY data for `messages`: header, rows in chunks, trailer."""
+    yield HEADER
+    yield from row_chunks(stream_field(stream), messages)
+    yield TRAILER

@@ -18,3 +18,11 @@ class BatchRejected(ReceiverError):
         super().__init__(reason)
         # the body as a whole is not a JSON array (400), rather than a bad message in it (422)
         self.whole_body = whole_body
+
+
+class BodyTooLarge(ReceiverError):
+    """The request body grew past server.max_body_size (counted after decompression)."""
+
+
+class BodyTimeout(ReceiverError):
+    """The request body did not arrive within server.body_timeout."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import time
 import uuid
@@ -14,8 +13,9 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
+from flespi_receiver.body import BodyReader
 from flespi_receiver.config import StreamSettings
-from flespi_receiver.errors import BatchRejected
+from flespi_receiver.errors import BatchRejected, BodyTimeout, BodyTooLarge
 from flespi_receiver.metrics import Metrics
 from flespi_receiver.network import Address, FailureLimiter, Network, allowed, client_address
 from flespi_receiver.state import ACCEPTING, POOL
@@ -26,6 +26,8 @@ log = structlog.get_logger("flespi_receiver.ingest")
 # Content-Encoding values aiohttp decompresses for us; anything else is refused with 415
 ACCEPTED_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 RETRY_AFTER_SECONDS = "5"
+# Bodies declared larger than this are stored while they arrive (a 1000-message batch is ~1 MB)
+STREAMED_BODY = 64 * 1024
 DEADLOCK_ATTEMPTS = 3
 # Failures that mean "PostgreSQL is not there right now"; flespi retries the batch later
 DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -168,15 +170,18 @@ class StreamEndpoint:
         refusal = self._refuse_headers(request)
         if refusal is not None:
             return refusal, None, 0
+        reader = BodyReader(request.content, self.limits.max_body_size, self.limits.body_timeout)
         try:
-            body = await asyncio.wait_for(request.read(), self.limits.body_timeout)
-        except TimeoutError:
+            # a large body is stored as it arrives; a small one is read whole first
+            large = (request.content_length or 0) > STREAMED_BODY
+            body = reader if large else await reader.read_all()
+            response, result = await self._store(request.app[POOL], stream, body, bound)
+        except BodyTimeout:
             reply = error_response(408, f"body not received within {self.limits.body_timeout}s")
-            return reply, None, 0
-        except web.HTTPRequestEntityTooLarge:
-            return self._too_large(), None, 0
-        response, result = await self._store(request.app[POOL], stream, body, bound)
-        return response, result, len(body)
+            return reply, None, reader.size
+        except BodyTooLarge:
+            return self._too_large(), None, reader.size
+        return response, result, reader.size
 
     def _refuse_headers(self, request: web.Request) -> web.Response | None:
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
@@ -196,7 +201,7 @@ class StreamEndpoint:
         self,
         pool: asyncpg.Pool,
         stream: StreamSettings,
-        body: bytes,
+        body: bytes | BodyReader,
         bound: structlog.typing.FilteringBoundLogger,
     ) -> tuple[web.Response, StoreResult | None]:
         quarantine = stream.on_invalid == "quarantine"
@@ -219,7 +224,7 @@ class StreamEndpoint:
         return json_response(200, reply.model_dump()), result
 
     async def _store_retrying_deadlocks(
-        self, pool: asyncpg.Pool, stream: str, body: bytes, quarantine: bool
+        self, pool: asyncpg.Pool, stream: str, body: bytes | BodyReader, quarantine: bool
     ) -> StoreResult:
         # two receivers storing overlapping batches in different orders can deadlock; PostgreSQL
         # then aborts one of them, which simply tries again
@@ -230,4 +235,6 @@ class StreamEndpoint:
             except asyncpg.TransactionRollbackError:
                 if attempt == DEADLOCK_ATTEMPTS - 1:
                     raise
+                if isinstance(body, BodyReader):
+                    body = await body.read_all()  # the next attempt starts from the beginning
         raise AssertionError("unreachable")

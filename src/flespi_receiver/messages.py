@@ -24,6 +24,10 @@ _NUL_ESCAPE = b"\\u0000"
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|"|[\[\]{},]', re.DOTALL)
 _WHITESPACE = " \t\n\r"
 _ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
+# where compact JSON has one element end and the next begin (or, inside one, a nested one)
+_BOUNDARY = b"},{"
+# failed cuts in a row before the splitter leaves the rest of a body to the end
+_CUT_ATTEMPTS = 8
 
 
 def identity_of(raw: bytes) -> bytes:
@@ -88,6 +92,60 @@ def split_elements(body: bytes) -> list[msgspec.Raw] | None:
         return _ELEMENTS.decode(body)
     except (msgspec.DecodeError, RecursionError):
         return None
+
+
+class ElementSplitter:
+    """The fast split of a body that is still arriving: whole elements as soon as they are in.
+
+    A piece of the array is cut just after the `}` of a `},{`. That cut may fall inside a
+    string or a nested array (a list of objects in a message), but then the piece is not
+    valid JSON and an earlier `},{` is tried: a piece that decodes holds whole elements.
+    Raises NotExact, maybe after some elements, for a body that is not a JSON array.
+    """
+
+    def __init__(self) -> None:
+        self._rest = bytearray()  # what arrived after the last whole element
+        self._opened = False  # the array's "[" has been seen
+        self._failed_cuts = 0  # in a row: bounded, so that the cost stays linear
+
+    def feed(self, data: bytes) -> list[msgspec.Raw]:
+        """The elements completed by `data`."""
+        self._rest += data
+        if not self._opened and not self._open():
+            return []
+        cut = len(self._rest)
+        while self._failed_cuts < _CUT_ATTEMPTS:
+            cut = self._rest.rfind(_BOUNDARY, 0, cut)
+            if cut == -1:
+                return []
+            with memoryview(self._rest) as rest:
+                piece = b"".join((b"[", rest[: cut + 1], b"]"))
+            try:
+                elements = _ELEMENTS.decode(piece)
+            except (msgspec.DecodeError, RecursionError):
+                self._failed_cuts += 1
+                continue
+            self._failed_cuts = 0
+            del self._rest[: cut + 2]
+            return elements
+        return []  # the rest is split whole at the end
+
+    def finish(self) -> list[msgspec.Raw]:
+        """The elements after the last cut; the body has ended."""
+        elements = split_elements(b"[" + self._rest) if self._opened else None
+        if elements is None:
+            raise NotExact
+        return elements
+
+    def _open(self) -> bool:
+        start = len(self._rest) - len(self._rest.lstrip(_WHITESPACE.encode()))
+        if start == len(self._rest):
+            return False  # only whitespace so far
+        if self._rest[start] != ord("["):
+            raise NotExact
+        del self._rest[: start + 1]
+        self._opened = True
+        return True
 
 
 def exact_messages(elements: Iterable[msgspec.Raw]) -> Iterator[Message]:

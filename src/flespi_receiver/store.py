@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
-from flespi_receiver.copy_format import copy_chunks
+from flespi_receiver.body import BodyReader
+from flespi_receiver.copy_format import HEADER, TRAILER, copy_chunks, row_chunks, stream_field
 from flespi_receiver.errors import BatchRejected
 from flespi_receiver.fields import MESSAGE_COLUMNS, as_datetime, columns
 from flespi_receiver.messages import (
+    ElementSplitter,
     Message,
     NotExact,
     Rejected,
@@ -88,12 +89,19 @@ def _record(stream: str, message: Message) -> tuple[Any, ...]:
 
 
 async def store_batch(
-    conn: Connection, stream: str, body: bytes, *, quarantine: bool = True
+    conn: Connection, stream: str, body: bytes | BodyReader, *, quarantine: bool = True
 ) -> StoreResult:
     """Decode and store a batch body in one transaction; on return it is committed.
 
-    With `quarantine` off, content that can't be stored raises BatchRejected and nothing is kept.
+    A body still arriving (a BodyReader) is stored as it arrives when it can be; otherwise
+    it is read whole first. With `quarantine` off, content that can't be stored raises
+    BatchRejected and nothing is kept.
     """
+    if isinstance(body, BodyReader):
+        streamed = await _copy_optimistically(conn, _streamed_rows(stream, body))
+        if streamed is not None:
+            return StoreResult(messages=streamed, stored=streamed, duplicates=0, rejected=0)
+        body = await body.read_all()
     optimistic = await _store_optimistically(conn, stream, body)
     if optimistic is not None:
         return optimistic
@@ -119,7 +127,8 @@ async def _store_optimistically(conn: Connection, stream: str, body: bytes) -> S
     if elements is None:
         return None
     if len(elements) > SMALL_BATCH:
-        stored = await _copy_optimistically(conn, stream, elements)
+        copy_data = _as_async(copy_chunks(stream, exact_messages(elements)))
+        stored = await _copy_optimistically(conn, copy_data)
         if stored is None:
             return None
         return StoreResult(messages=stored, stored=stored, duplicates=0, rejected=0)
@@ -139,22 +148,33 @@ async def _store_optimistically(conn: Connection, stream: str, body: bytes) -> S
     )
 
 
-async def _copy_optimistically(
-    conn: Connection, stream: str, elements: list[msgspec.Raw]
-) -> int | None:
+async def _copy_optimistically(conn: Connection, copy_data: AsyncIterator[bytes]) -> int | None:
     """The common case, in one COPY: every message is new, valid and exactly re-encodable.
 
     Messages are checked and encoded while the first ones are already on their way to
-    PostgreSQL. In a transaction of its own, committed on success; returns None, having
-    stored nothing, when the careful path is needed.
+    PostgreSQL. In a transaction of its own, committed on success; returns how many rows
+    were stored, or None, having stored nothing, when the careful path is needed.
     """
 
     async def copy() -> int:
         async with conn.transaction():
-            await _copy(conn, copy_chunks(stream, exact_messages(elements)))
-        return len(elements)
+            return await _copy(conn, copy_data)
 
     return await _unless_careful(copy())
+
+
+async def _streamed_rows(stream: str, body: BodyReader) -> AsyncIterator[bytes]:
+    """The COPY data of a body that is still arriving, encoded as its messages come in:
+    PostgreSQL works on the first rows while the rest of the body is on its way."""
+    splitter = ElementSplitter()
+    field = stream_field(stream)
+    yield HEADER
+    async for data in body.chunks():
+        for chunk in row_chunks(field, exact_messages(splitter.feed(data))):
+            yield chunk
+    for chunk in row_chunks(field, exact_messages(splitter.finish())):
+        yield chunk
+    yield TRAILER
 
 
 async def _unless_careful(attempt: Coroutine[Any, Any, int]) -> int | None:
@@ -189,8 +209,8 @@ async def _store_messages(
     async def copy() -> int:
         async with conn.transaction():
             # COPY is the fastest way in; it fails as a whole if another receiver got there first
-            await _copy(conn, copy_chunks(stream, (message for _, message in fresh)))
-        return len(fresh)
+            chunks = copy_chunks(stream, (message for _, message in fresh))
+            return await _copy(conn, _as_async(chunks))
 
     stored = await _unless_careful(copy())
     if stored is not None:
@@ -208,12 +228,17 @@ async def _store_messages(
     return await _insert_one_by_one(conn, records, fresh, rejected)
 
 
-async def _copy(conn: Connection, chunks: Iterator[bytes]) -> None:
-    async def source() -> AsyncIterator[bytes]:
-        for chunk in chunks:
-            yield chunk
+async def _copy(conn: Connection, copy_data: AsyncIterator[bytes]) -> int:
+    """COPY into messages; returns the number of rows stored, from PostgreSQL's "COPY n"."""
+    status = await conn.copy_to_table(
+        "messages", source=copy_data, columns=MESSAGE_COLUMNS, format="binary"
+    )
+    return int(status.rsplit(" ", 1)[1])
 
-    await conn.copy_to_table("messages", source=source(), columns=MESSAGE_COLUMNS, format="binary")
+
+async def _as_async(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
 
 
 async def _insert_skipping_conflicts(conn: Connection, records: list[tuple[Any, ...]]) -> int:
