@@ -16,6 +16,7 @@ from flespi_receiver.messages import Message
 HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 TRAILER = struct.pack(">h", -1)
 CHUNK_SIZE = 64 * 1024
+FIRST_CHUNK_SIZE = 8 * 1024
 
 _FIELD_COUNT = struct.pack(">h", 11)
 _NULL = struct.pack(">i", -1)
@@ -102,16 +103,18 @@ def stream_field(stream: str) -> bytes:
 
 
 def row_chunks(stream_field: bytes, messages: Iterable[Message]) -> Iterator[bytes]:
-    """Rows for `messages` (no header or trailer), in chunks of about CHUNK_SIZE bytes."""
+    """Rows for `messages` (no header or trailer), in chunks of about CHUNK_SIZE bytes; the
+    first is smaller, so that PostgreSQL starts on the first rows at once."""
     parts: list[bytes] = []
     size = 0
+    limit = FIRST_CHUNK_SIZE
     for message in messages:
         row = encode_row(stream_field, message)
         parts.append(row)
         size += len(row)
-        if size >= CHUNK_SIZE:
+        if size >= limit:
             yield b"".join(parts)
-            parts, size = [], 0
+            parts, size, limit = [], 0, CHUNK_SIZE
     if parts:
         yield b"".join(parts)
 

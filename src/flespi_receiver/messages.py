@@ -26,8 +26,14 @@ _WHITESPACE = " \t\n\r"
 _ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
 # where compact JSON has one element end and the next begin (or, inside one, a nested one)
 _BOUNDARY = b"},{"
+_LEADING_WHITESPACE = re.compile(rb"[ \t\n\r]*")
+# the start of an object up to its first key, a short and plain one: {"ident":
+_FIRST_KEY = re.compile(rb'\{"[^"\\]{1,64}":')
+# pieces of a body split as it arrives: the first small, so that PostgreSQL starts at once
+FIRST_PIECE = 16 * 1024
+PIECE = 64 * 1024
 # failed cuts in a row before the splitter leaves the rest of a body to the end
-_CUT_ATTEMPTS = 8
+_CUT_ATTEMPTS = 16
 
 
 def identity_of(raw: bytes) -> bytes:
@@ -97,38 +103,32 @@ def split_elements(body: bytes) -> list[msgspec.Raw] | None:
 class ElementSplitter:
     """The fast split of a body that is still arriving: whole elements as soon as they are in.
 
-    A piece of the array is cut just after the `}` of a `},{`. That cut may fall inside a
-    string or a nested array (a list of objects in a message), but then the piece is not
-    valid JSON and an earlier `},{` is tried: a piece that decodes holds whole elements.
-    Raises NotExact, maybe after some elements, for a body that is not a JSON array.
+    The array is cut into pieces of about PIECE bytes, each just after the `}` of a `},{`.
+    Such a cut may fall inside a string or a nested array (a list of objects in a message),
+    but then the piece is not valid JSON and the next `},{` is tried: a piece that decodes
+    holds whole elements. Raises NotExact, maybe after some elements, for a body that is not
+    a JSON array.
     """
 
     def __init__(self) -> None:
         self._rest = bytearray()  # what arrived after the last whole element
         self._opened = False  # the array's "[" has been seen
+        self._boundary = _BOUNDARY
+        self._pieces = 0
         self._failed_cuts = 0  # in a row: bounded, so that the cost stays linear
 
-    def feed(self, data: bytes) -> list[msgspec.Raw]:
-        """The elements completed by `data`."""
+    def feed(self, data: bytes) -> Iterator[msgspec.Raw]:
+        """The elements completed by `data`, a piece at a time."""
         self._rest += data
         if not self._opened and not self._open():
-            return []
-        cut = len(self._rest)
-        while self._failed_cuts < _CUT_ATTEMPTS:
-            cut = self._rest.rfind(_BOUNDARY, 0, cut)
-            if cut == -1:
-                return []
-            with memoryview(self._rest) as rest:
-                piece = b"".join((b"[", rest[: cut + 1], b"]"))
-            try:
-                elements = _ELEMENTS.decode(piece)
-            except (msgspec.DecodeError, RecursionError):
-                self._failed_cuts += 1
-                continue
-            self._failed_cuts = 0
-            del self._rest[: cut + 2]
-            return elements
-        return []  # the rest is split whole at the end
+            return
+        start = 0
+        try:
+            while (piece := self._next_piece(start)) is not None:
+                elements, start = piece
+                yield from elements
+        finally:
+            del self._rest[:start]
 
     def finish(self) -> list[msgspec.Raw]:
         """The elements after the last cut; the body has ended."""
@@ -137,14 +137,48 @@ class ElementSplitter:
             raise NotExact
         return elements
 
+    def _next_piece(self, start: int) -> tuple[list[msgspec.Raw], int] | None:
+        """The whole elements from `start` to the next good cut, and where the next piece
+        starts; None: wait for more of the body."""
+        cut = start + (PIECE if self._pieces else FIRST_PIECE)
+        while self._failed_cuts < _CUT_ATTEMPTS:
+            cut = self._find_cut(cut)
+            if cut == -1:
+                return None
+            with memoryview(self._rest) as rest:
+                piece = b"".join((b"[", rest[start : cut + 1], b"]"))
+            try:
+                elements = _ELEMENTS.decode(piece)
+            except (msgspec.DecodeError, RecursionError):
+                self._failed_cuts += 1
+                cut += len(_BOUNDARY)
+                continue
+            self._failed_cuts = 0
+            self._pieces += 1
+            return elements, cut + 2
+        return None  # cut inside elements again and again: the rest is split whole at the end
+
+    def _find_cut(self, after: int) -> int:
+        """Where the `}` of the next `},{` after `after` is. Messages of one stream mostly
+        begin with the same key and nested objects seldom do: a `},{` followed by the first
+        message's first key is tried first, as it is most likely between two messages."""
+        if self._boundary != _BOUNDARY:
+            cut = self._rest.find(self._boundary, after, after + PIECE)
+            if cut != -1:
+                return cut
+        return self._rest.find(_BOUNDARY, after)
+
     def _open(self) -> bool:
-        start = len(self._rest) - len(self._rest.lstrip(_WHITESPACE.encode()))
+        start = _LEADING_WHITESPACE.match(self._rest).end()  # type: ignore[union-attr]
         if start == len(self._rest):
             return False  # only whitespace so far
         if self._rest[start] != ord("["):
             raise NotExact
         del self._rest[: start + 1]
         self._opened = True
+        first_key = _FIRST_KEY.match(self._rest)
+        if first_key:
+            self._boundary = b"}," + first_key.group()
         return True
 
 
