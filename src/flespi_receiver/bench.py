@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 
@@ -36,6 +37,8 @@ BENCH_DATABASE = "flespi_bench"
 SCHEMA = "flespi"
 COUNT_STORED = "SELECT count(*) FROM flespi.messages"
 COPY_RUN, RECEIVER_RUN, NAIVE_RUN = "COPY (database limit)", "flespi-receiver", "naive receiver"
+# batches each contender sends in its turn
+TURN_BATCHES = 5
 TOKEN = "Bearer bench"  # noqa: S105 - the benchmark's own throwaway receiver
 
 
@@ -84,24 +87,25 @@ async def reset_tables(conn: asyncpg.Connection) -> None:
     await conn.execute("CHECKPOINT")
 
 
-async def copy_reference(conn: asyncpg.Connection, encoded: Sequence[bytes], size: int) -> Run:
-    """The database's limit: COPY of the same rows, one transaction per batch."""
-    # the rows are encoded before the clock starts: only PostgreSQL's work is timed
-    batches = [
+def copy_batches(encoded: Sequence[bytes], size: int) -> list[bytes]:
+    """The COPY data of each batch, made before any clock starts: only PostgreSQL's work is
+    timed for the reference."""
+    return [
         b"".join(copy_chunks("main", (Message(raw, orjson.loads(raw)) for raw in batch)))
         for batch in batches_of(encoded, size)
     ]
-    started = time.perf_counter()
-    for data in batches:
-        async with conn.transaction():
-            await conn.copy_to_table(
-                "copy_reference",
-                schema_name=SCHEMA,
-                source=io.BytesIO(data),
-                columns=MESSAGE_COLUMNS,
-                format="binary",
-            )
-    return Run(COPY_RUN, size, len(encoded), time.perf_counter() - started)
+
+
+async def copy_batch(conn: asyncpg.Connection, data: bytes) -> None:
+    """The database's limit for one batch: COPY of its rows in a transaction of its own."""
+    async with conn.transaction():
+        await conn.copy_to_table(
+            "copy_reference",
+            schema_name=SCHEMA,
+            source=io.BytesIO(data),
+            columns=MESSAGE_COLUMNS,
+            format="binary",
+        )
 
 
 @contextmanager
@@ -138,30 +142,21 @@ async def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-async def emulated_run(
-    name: str,
-    url: str,
-    proc: subprocess.Popen[bytes],
-    encoded: Sequence[bytes],
-    size: int,
-    gzip_level: int | None,
-) -> Run:
-    emulator = StreamEmulator(url, authorization=TOKEN, gzip_level=gzip_level, max_attempts=20)
-    started = time.perf_counter()
-    stats = await emulator.run(encoded, size)
-    seconds = time.perf_counter() - started
+def emulated_run(name: str, size: int, emulator: StreamEmulator, seconds: float, pid: int) -> Run:
+    """A receiver's run from what its emulator saw, with the process's peak memory."""
+    stats = emulator.stats
     if stats.non_200 or stats.connection_errors:
         raise RuntimeError(f"{name}: {stats.statuses}, {stats.connection_errors} connection errors")
     times = sorted(stats.reply_times)
     return Run(
         name,
         size,
-        len(encoded),
+        stats.messages_sent,
         seconds,
         p50_ms=statistics.median(times) * 1000,
         p99_ms=times[min(len(times) - 1, int(len(times) * 0.99))] * 1000,
         max_ms=times[-1] * 1000,
-        peak_rss_mb=peak_rss_mb(proc.pid),
+        peak_rss_mb=peak_rss_mb(pid),
     )
 
 
@@ -182,56 +177,76 @@ def receiver_config(
 async def bench_batch_size(
     url: str, size: int, count: int, gzip_level: int | None, workdir: Path, device_state: bool
 ) -> list[Run]:
+    """One round: COPY, the receiver and the naive receiver take turns, batch by batch.
+
+    Each contender's rate is its messages over the sum of its own batch times, so a busy
+    moment on a shared machine hits all three alike instead of whichever ran then.
+    """
     encoded = encode_messages(sample_messages(count, seed=size))
+    batches = list(batches_of(encoded, size))
+    copy_data = copy_batches(encoded, size)
+    receiver_port, naive_port = free_port(), free_port()
+    config = receiver_config(workdir, url, receiver_port, 512 * 1024 * 1024, device_state)
+    serve = [sys.executable, "-m", "flespi_receiver", "serve", "--config", str(config)]
+    naive = [
+        sys.executable,
+        "-m",
+        "flespi_receiver.naive",
+        url,
+        str(naive_port),
+        f"{SCHEMA}.naive_reference",
+    ]
     conn = await asyncpg.connect(url, server_settings={"synchronous_commit": "on"})
     try:
         await reset_tables(conn)
-        runs = [await copy_reference(conn, encoded, size)]
-        await reset_tables(conn)
-        port = free_port()
-        config = receiver_config(workdir, url, port, 512 * 1024 * 1024, device_state)
-        with process(
-            [sys.executable, "-m", "flespi_receiver", "serve", "--config", str(config)]
-        ) as proc:
-            await wait_for_port(port, proc)
-            runs.append(
-                await emulated_run(
-                    RECEIVER_RUN,
+        with process(serve) as receiver_proc, process(naive) as naive_proc:
+            await wait_for_port(receiver_port, receiver_proc)
+            await wait_for_port(naive_port, naive_proc)
+            emulators = {
+                name: StreamEmulator(
                     f"http://127.0.0.1:{port}/flespi",
-                    proc,
-                    encoded,
-                    size,
-                    gzip_level,
+                    authorization=TOKEN,
+                    gzip_level=gzip_level,
+                    max_attempts=20,
                 )
-            )
-        stored = await conn.fetchval(COUNT_STORED)
-        if stored != count:
-            raise RuntimeError(f"receiver stored {stored} of {count} messages")
-        await reset_tables(conn)
-        port = free_port()
-        naive = [
-            sys.executable,
-            "-m",
-            "flespi_receiver.naive",
-            url,
-            str(port),
-            f"{SCHEMA}.naive_reference",
-        ]
-        with process(naive) as proc:
-            await wait_for_port(port, proc)
-            runs.append(
-                await emulated_run(
-                    NAIVE_RUN,
-                    f"http://127.0.0.1:{port}/flespi",
-                    proc,
-                    encoded,
-                    size,
-                    gzip_level,
-                )
-            )
+                for name, port in ((RECEIVER_RUN, receiver_port), (NAIVE_RUN, naive_port))
+            }
+            seconds = await take_turns(conn, batches, copy_data, emulators)
+            runs = [Run(COPY_RUN, size, count, seconds[COPY_RUN])] + [
+                emulated_run(name, size, emulators[name], seconds[name], proc.pid)
+                for name, proc in ((RECEIVER_RUN, receiver_proc), (NAIVE_RUN, naive_proc))
+            ]
+        for table in ("messages", "copy_reference", "naive_reference"):
+            stored = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.{table}")  # noqa: S608
+            if stored != count:
+                raise RuntimeError(f"{table} holds {stored} of {count} messages")
     finally:
         await conn.close()
     return runs
+
+
+async def take_turns(
+    conn: asyncpg.Connection,
+    batches: list[Sequence[bytes]],
+    copy_data: list[bytes],
+    emulators: dict[str, StreamEmulator],
+) -> dict[str, float]:
+    """The contenders take turns, a few batches each (the order rotating), so that each is warm
+    as a stream keeps a receiver warm; each one's batch times are summed."""
+    seconds = dict.fromkeys((COPY_RUN, *emulators), 0.0)
+    names = list(seconds)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for turn, start in enumerate(range(0, len(batches), TURN_BATCHES)):
+            for name in names[turn % 3 :] + names[: turn % 3]:
+                started = time.perf_counter()
+                for number in range(start, min(start + TURN_BATCHES, len(batches))):
+                    if name == COPY_RUN:
+                        await copy_batch(conn, copy_data[number])
+                    else:
+                        await emulators[name].deliver(session, batches[number])
+                seconds[name] += time.perf_counter() - started
+    return seconds
 
 
 def paired_ratios(rounds: list[list[Run]]) -> dict[str, list[float]]:
@@ -301,7 +316,7 @@ async def run_benchmark(
         for size in sizes:
             # tiny batches are slow by nature: fewer messages keep the run short
             messages = max(count if size >= 100 else count // 10, size * 10)
-            # the three contenders take turns, so that a busy moment hits all of them alike
+            # each round starts on empty tables; ratios are taken within a round
             measured = [
                 await bench_batch_size(url, size, messages, gzip_level, Path(workdir), device_state)
                 for _ in range(rounds)
