@@ -37,8 +37,9 @@ BENCH_DATABASE = "flespi_bench"
 SCHEMA = "flespi"
 COUNT_STORED = "SELECT count(*) FROM flespi.messages"
 COPY_RUN, RECEIVER_RUN, NAIVE_RUN = "COPY (database limit)", "flespi-receiver", "naive receiver"
-# batches each contender sends in its turn
-TURN_BATCHES = 5
+# messages each contender stores in its turn (at least one batch): long enough to be warm
+# as a stream keeps a receiver warm, short enough for the turns to see the same machine
+TURN_MESSAGES = 5000
 TOKEN = "Bearer bench"  # noqa: S105 - the benchmark's own throwaway receiver
 
 
@@ -231,16 +232,17 @@ async def take_turns(
     copy_data: list[bytes],
     emulators: dict[str, StreamEmulator],
 ) -> dict[str, float]:
-    """The contenders take turns, a few batches each (the order rotating), so that each is warm
-    as a stream keeps a receiver warm; each one's batch times are summed."""
+    """The contenders take turns of TURN_MESSAGES messages (the order rotating), each one's
+    batch times summed."""
     seconds = dict.fromkeys((COPY_RUN, *emulators), 0.0)
     names = list(seconds)
+    per_turn = max(1, TURN_MESSAGES // len(batches[0]))
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        for turn, start in enumerate(range(0, len(batches), TURN_BATCHES)):
+        for turn, start in enumerate(range(0, len(batches), per_turn)):
             for name in names[turn % 3 :] + names[: turn % 3]:
                 started = time.perf_counter()
-                for number in range(start, min(start + TURN_BATCHES, len(batches))):
+                for number in range(start, min(start + per_turn, len(batches))):
                     if name == COPY_RUN:
                         await copy_batch(conn, copy_data[number])
                     else:
