@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -122,4 +123,45 @@ async def duplicated(db: asyncpg.Connection) -> int:
     """Rows whose payload appears more than once in the stream."""
     return int(
         await db.fetchval("SELECT count(*) - count(DISTINCT (stream, payload)) FROM messages")
+    )
+
+
+REJECT_STREAM = """
+[[streams]]
+name = "strict"
+path = "/flespi"
+authorization = ["Bearer test-token"]
+on_invalid = "reject"
+"""
+
+
+def send_partial_body(port: int, declared: int, sent: bytes) -> socket.socket:
+    raw = socket.create_connection(("127.0.0.1", port))
+    raw.sendall(
+        b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: "
+        + TOKEN.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(declared).encode()
+        + b"\r\n\r\n"
+        + sent
+    )
+    return raw
+
+
+# device-state tests: a message with an ident and a device time
+def message(ident: str | None, ts: float | None, **fields: Any) -> dict[str, Any]:
+    found: dict[str, Any] = {"ident": ident, "timestamp": ts, **fields}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+async def send(client: Any, *messages: dict[str, Any]) -> dict[str, int]:
+    reply = await client.post("/flespi", data=orjson.dumps(list(messages)), headers=AUTH)
+    assert reply.status == 200
+    result: dict[str, int] = await reply.json()
+    return result
+
+
+async def state(db: asyncpg.Connection, ident: str = "A") -> asyncpg.Record:
+    return await db.fetchrow(
+        "SELECT * FROM device_state WHERE stream = 'main' AND ident = $1", ident
     )

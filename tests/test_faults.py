@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from helpers import (
     duplicated,
     flespi_message,
     receiver_process,
+    send_partial_body,
     wait_for_lock_wait,
     wait_until_serving,
 )
@@ -111,19 +111,6 @@ async def test_receiver_sessions_commit_synchronously_whatever_the_server_defaul
     client = await receiver()
     async with client.app[POOL].acquire() as conn:
         assert await conn.fetchval("SHOW synchronous_commit") == "on"
-
-
-def send_partial_body(port: int, declared: int, sent: bytes) -> socket.socket:
-    raw = socket.create_connection(("127.0.0.1", port))
-    raw.sendall(
-        b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: "
-        + TOKEN.encode()
-        + b"\r\nContent-Type: application/json\r\nContent-Length: "
-        + str(declared).encode()
-        + b"\r\n\r\n"
-        + sent
-    )
-    return raw
 
 
 async def test_slow_client_gets_408_and_nothing_is_stored(

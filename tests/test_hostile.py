@@ -12,16 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import Client, ClientFactory
-from helpers import AUTH, count, flespi_message
+from helpers import AUTH, REJECT_STREAM, count, flespi_message
 
 GOOD = orjson.dumps(flespi_message(1))
-REJECT_STREAM = """
-[[streams]]
-name = "strict"
-path = "/flespi"
-authorization = ["Bearer test-token"]
-on_invalid = "reject"
-"""
 
 # (bad element as sent, words the quarantine reason must contain)
 BAD_ELEMENTS = [

@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import asyncpg
 import orjson
 import pytest
 
 from conftest import ClientFactory
-from helpers import AUTH, count, streams_toml
-
-
-def message(ident: str | None, ts: float | None, **fields: Any) -> dict[str, Any]:
-    found: dict[str, Any] = {"ident": ident, "timestamp": ts, **fields}
-    return {k: v for k, v in found.items() if v is not None}
-
-
-async def send(client: Any, *messages: dict[str, Any]) -> dict[str, int]:
-    reply = await client.post("/flespi", data=orjson.dumps(list(messages)), headers=AUTH)
-    assert reply.status == 200
-    result: dict[str, int] = await reply.json()
-    return result
-
-
-async def state(db: asyncpg.Connection, ident: str = "A") -> asyncpg.Record:
-    return await db.fetchrow(
-        "SELECT * FROM device_state WHERE stream = 'main' AND ident = $1", ident
-    )
+from helpers import AUTH, count, message, send, state, streams_toml
 
 
 @pytest.mark.parametrize("filler", [0, 80], ids=["small-batch", "copy-batch"])

@@ -12,13 +12,12 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_faults import send_partial_body
 
 from flespi_receiver.ingest import STREAMED_BODY
 from flespi_receiver.messages import ElementSplitter, NotExact, split_elements
 
 from conftest import Client, ClientFactory
-from helpers import AUTH, count, flespi_message
+from helpers import AUTH, REJECT_STREAM, count, flespi_message, send_partial_body
 
 
 def message(i: int) -> dict[str, Any]:
@@ -82,6 +81,19 @@ async def test_bad_element_in_a_large_batch_arriving_in_pieces(
     )
     assert await db.fetchval("SELECT raw FROM rejected_messages") == b'{"a": NaN}'
     assert await count(db) == 600
+
+
+async def test_reject_mode_refuses_a_large_batch_whole(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver(streams=REJECT_STREAM)
+    elements = large_batch()
+    elements.insert(450, b'{"ident": "1", "ident": "2"}')
+    status, reply = await post(client, body_of(elements))
+    assert status == 422
+    assert "duplicate key 'ident'" in reply["error"]
+    assert await count(db) == 0
+    assert await count(db, "rejected_messages") == 0
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,13 @@ import asyncio
 import asyncpg
 import orjson
 import pytest
-from test_state import message, send, state
 
 from flespi_receiver.cli import apply_migrations
 from flespi_receiver.config import PartitioningSettings
 from flespi_receiver.partitions import ensure_partitioned
 
 from conftest import ClientFactory, SettingsFactory
-from helpers import count
+from helpers import count, message, send, state
 
 BOTH_OFF = 'device_state = false\nnotify_channel = ""'
 NOTIFY_ONLY = 'device_state = false\nnotify_channel = "batches"'
