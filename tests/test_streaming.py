@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -13,11 +15,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flespi_receiver.embedded import free_port
 from flespi_receiver.ingest import STREAMED_BODY
 from flespi_receiver.messages import ElementSplitter, NotExact, split_elements
 
 from conftest import Client, ClientFactory
-from helpers import AUTH, REJECT_STREAM, count, flespi_message, send_partial_body
+from helpers import (
+    AUTH,
+    REJECT_STREAM,
+    config_file,
+    count,
+    flespi_message,
+    log_events,
+    receiver_process,
+    send_partial_body,
+    wait_until_serving,
+)
 
 
 def message(i: int) -> dict[str, Any]:
@@ -170,6 +183,29 @@ async def test_abandoned_large_body_stores_nothing_and_the_stream_goes_on(
     assert await count(db) == 0
     assert (await post(client, body))[0] == 200
     assert await count(db) == 600
+
+
+async def test_a_client_gone_mid_body_is_logged_not_blamed_on_the_database(
+    tmp_path: Path, database_url: str
+) -> None:
+    port = free_port()
+    config = config_file(tmp_path, database_url, port)
+    body = body_of(large_batch())
+    with receiver_process(config) as process:
+        await wait_until_serving(port, process)
+        raw = await asyncio.to_thread(send_partial_body, port, len(body), body[:20000])
+        await asyncio.sleep(0.3)
+        raw.close()
+        await asyncio.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    events = log_events(config)
+    assert not [e for e in events if e["event"] == "database unavailable"]
+    (batch,) = [e for e in events if e["event"] == "batch"]
+    assert batch["status"] == 400
+    assert batch["reason"].startswith("body incomplete")
+    assert batch["bytes"] == 20000
+    assert batch["client"] == "127.0.0.1"
 
 
 # JSON values whose texts hold "},{" in strings and nested lists of objects

@@ -6,8 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import StreamReader
+from aiohttp.http_exceptions import HttpProcessingError
 
-from flespi_receiver.errors import BodyTimeout, BodyTooLarge
+from flespi_receiver.errors import BodyIncomplete, BodyTimeout, BodyTooLarge
 
 
 class BodyReader:
@@ -45,6 +46,9 @@ class BodyReader:
         except TimeoutError:
             # not a TimeoutError: inside a COPY, asyncpg would take that for its own timeout
             raise BodyTimeout from None
+        except (ConnectionError, HttpProcessingError) as exc:
+            # not an OSError either: that would read as the database being away
+            raise BodyIncomplete(str(exc) or type(exc).__name__) from None
         if not chunk:
             self._complete = True
             return None

@@ -26,3 +26,7 @@ class BodyTooLarge(ReceiverError):
 
 class BodyTimeout(ReceiverError):
     """The request body did not arrive within server.body_timeout."""
+
+
+class BodyIncomplete(ReceiverError):
+    """The body broke off (the client went away) or could not be decompressed."""

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from flespi_receiver.body import BodyReader
 from flespi_receiver.config import StreamSettings
-from flespi_receiver.errors import BatchRejected, BodyTimeout, BodyTooLarge
+from flespi_receiver.errors import BatchRejected, BodyIncomplete, BodyTimeout, BodyTooLarge
 from flespi_receiver.metrics import Metrics
 from flespi_receiver.network import Address, FailureLimiter, Network, allowed, client_address
 from flespi_receiver.state import ACCEPTING, POOL
@@ -181,6 +181,8 @@ class StreamEndpoint:
             return reply, None, reader.size
         except BodyTooLarge:
             return self._too_large(), None, reader.size
+        except BodyIncomplete as exc:
+            return error_response(400, f"body incomplete: {exc}"), None, reader.size
         return response, result, reader.size
 
     def _refuse_headers(self, request: web.Request) -> web.Response | None:
