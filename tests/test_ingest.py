@@ -151,6 +151,20 @@ async def test_compressed_bodies_are_accepted(
     assert await count(db) == 10
 
 
+@pytest.mark.parametrize("size", [100, 200_000], ids=["small", "large"])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_body_that_does_not_decompress_gets_400(
+    receiver: ClientFactory, db: asyncpg.Connection, encoding: str, size: int
+) -> None:
+    client = await receiver()
+    garbage = b"\x1f\x8b\x08\x00" + b"not compressed" * (size // 14)
+    headers = {**AUTH, "Content-Encoding": encoding}
+    reply = await client.post("/flespi", data=garbage, headers=headers)
+    assert reply.status == 400
+    assert "can not decode content-encoding" in (await reply.json())["error"].lower()
+    assert await count(db) + await count(db, "rejected_messages") == 0
+
+
 async def test_gzip_bomb_gets_413_without_storing(
     receiver: ClientFactory, db: asyncpg.Connection
 ) -> None:

@@ -203,7 +203,7 @@ async def test_a_client_gone_mid_body_is_logged_not_blamed_on_the_database(
     assert not [e for e in events if e["event"] == "database unavailable"]
     (batch,) = [e for e in events if e["event"] == "batch"]
     assert batch["status"] == 400
-    assert batch["reason"].startswith("body incomplete")
+    assert batch["reason"].startswith("body incomplete or undecodable")
     assert batch["bytes"] == 20000
     assert batch["client"] == "127.0.0.1"
 

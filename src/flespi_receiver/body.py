@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import StreamReader
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web import RequestPayloadError
 
 from flespi_receiver.errors import BodyIncomplete, BodyTimeout, BodyTooLarge
 
@@ -46,9 +47,10 @@ class BodyReader:
         except TimeoutError:
             # not a TimeoutError: inside a COPY, asyncpg would take that for its own timeout
             raise BodyTimeout from None
-        except (ConnectionError, HttpProcessingError) as exc:
-            # not an OSError either: that would read as the database being away
-            raise BodyIncomplete(str(exc) or type(exc).__name__) from None
+        except (ConnectionError, HttpProcessingError, RequestPayloadError) as exc:
+            # the client went away, or sent a body that can't be decompressed; not an OSError
+            # either: that would read as the database being away
+            raise BodyIncomplete(" ".join(str(exc).split()) or type(exc).__name__) from None
         if not chunk:
             self._complete = True
             return None

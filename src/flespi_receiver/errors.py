@@ -29,4 +29,4 @@ class BodyTimeout(ReceiverError):
 
 
 class BodyIncomplete(ReceiverError):
-    """The body broke off (the client went away) or could not be decompressed."""
+    """The body broke off (the client went away) or can't be decompressed."""

@@ -182,7 +182,7 @@ class StreamEndpoint:
         except BodyTooLarge:
             return self._too_large(), None, reader.size
         except BodyIncomplete as exc:
-            return error_response(400, f"body incomplete: {exc}"), None, reader.size
+            return error_response(400, f"body incomplete or undecodable: {exc}"), None, reader.size
         return response, result, reader.size
 
     def _refuse_headers(self, request: web.Request) -> web.Response | None:
