@@ -148,6 +148,15 @@ def send_partial_body(port: int, declared: int, sent: bytes) -> socket.socket:
     return raw
 
 
+async def reply_on(raw: socket.socket) -> bytes:
+    """The receiver's first reply on a raw connection, which is closed afterwards."""
+    try:
+        raw.settimeout(5)
+        return await asyncio.to_thread(raw.recv, 4096)
+    finally:
+        raw.close()
+
+
 # device-state tests: a message with an ident and a device time
 def message(ident: str | None, ts: float | None, **fields: Any) -> dict[str, Any]:
     found: dict[str, Any] = {"ident": ident, "timestamp": ts, **fields}

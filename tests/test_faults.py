@@ -29,6 +29,7 @@ from helpers import (
     duplicated,
     flespi_message,
     receiver_process,
+    reply_on,
     send_partial_body,
     wait_for_lock_wait,
     wait_until_serving,
@@ -119,12 +120,7 @@ async def test_slow_client_gets_408_and_nothing_is_stored(
     client = await receiver(extra="body_timeout = 0.5")
     body = orjson.dumps([flespi_message(1)])
     raw = await asyncio.to_thread(send_partial_body, client.port, len(body), body[:20])
-    try:
-        raw.settimeout(5)
-        answer = await asyncio.to_thread(raw.recv, 4096)
-    finally:
-        raw.close()
-    assert answer.startswith(b"HTTP/1.1 408")
+    assert (await reply_on(raw)).startswith(b"HTTP/1.1 408")
     assert await count(db) == 0
 
 

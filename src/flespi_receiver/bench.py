@@ -240,7 +240,8 @@ async def take_turns(
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for turn, start in enumerate(range(0, len(batches), per_turn)):
-            for name in names[turn % 3 :] + names[: turn % 3]:
+            first = turn % len(names)
+            for name in names[first:] + names[:first]:
                 started = time.perf_counter()
                 for number in range(start, min(start + per_turn, len(batches))):
                     if name == COPY_RUN:
