@@ -8,8 +8,8 @@ import asyncpg
 import orjson
 import pytest
 
-from flespi_receiver.cli import apply_migrations
 from flespi_receiver.config import PartitioningSettings
+from flespi_receiver.database import apply_migrations
 from flespi_receiver.partitions import ensure_partitioned
 
 from conftest import ClientFactory, SettingsFactory

@@ -6,9 +6,24 @@ from __future__ import annotations
 class ReceiverError(Exception):
     """Base of every error the receiver reports to its user instead of a traceback."""
 
+    # the command line's exit status when this error ends a command
+    exit_code = 1
+
 
 class ConfigError(ReceiverError):
     """The configuration file or environment is invalid."""
+
+    exit_code = 2
+
+
+class EmbeddedServerBusy(ReceiverError):
+    """The embedded PostgreSQL's data folder is owned by another running receiver."""
+
+    exit_code = 2
+
+
+class CommandFailed(ReceiverError):
+    """A command could not do its job; the message says why and what to do."""
 
 
 class BatchRejected(ReceiverError):

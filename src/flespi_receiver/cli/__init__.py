@@ -1,0 +1,52 @@
+"""The `flespi-receiver` command line: one module per command in this package.
+
+Each module has `register(commands)`, which adds its subcommand (and its options) with a
+handler, and that handler is a thin layer over a module of the package that tests call
+directly. Adding a command is adding a module and naming it in COMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import asyncpg
+import structlog
+
+from flespi_receiver import __version__
+from flespi_receiver.cli import bench, check_config, emulate, migrate, serve
+from flespi_receiver.cli.common import EXIT_FAILURE
+from flespi_receiver.errors import ReceiverError
+
+log = structlog.get_logger("flespi_receiver.cli")
+
+COMMANDS = (serve, migrate, check_config, emulate, bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flespi-receiver",
+        description="Receive flespi HTTP stream batches and store them in PostgreSQL exactly once.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; errors a user can cause end with a message and exit 1 or 2, no traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.handler(args)
+    except ReceiverError as exc:
+        print(f"flespi-receiver {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (OSError, asyncpg.PostgresError) as exc:
+        log.error("failed", error=f"{type(exc).__name__}: {exc}")
+        print(f"flespi-receiver {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    return status
