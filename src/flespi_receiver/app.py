@@ -114,7 +114,12 @@ def partition_upkeep(settings: Settings) -> Callable[[web.Application], AsyncIte
 
 def create_app(settings: Settings, dsn: str) -> web.Application:
     """Build the application; nothing is connected until it starts."""
-    app = web.Application(client_max_size=settings.server.max_body_size, middlewares=[json_errors])
+    app = web.Application(
+        client_max_size=settings.server.max_body_size,
+        middlewares=[json_errors],
+        # bodies are decompressed by body.py, after the credentials were checked
+        handler_args={"auto_decompress": False},
+    )
     app[ACCEPTING] = asyncio.Event()
     app[ACCEPTING].set()
     app[SCHEMA] = settings.database.schema_name
@@ -137,10 +142,15 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
             stream, limits, settings.database.acquire_timeout, access, metrics
         )
         app[ENDPOINTS][stream.name] = endpoint
-        app.router.add_post(stream.path, endpoint.handle)
+        app.router.add_post(stream.path, endpoint.handle, expect_handler=defer_expect)
     if settings.metrics.enabled and not settings.metrics.port:
         app.router.add_get("/metrics", metrics_handler)
     return app
+
+
+async def defer_expect(request: web.Request) -> None:
+    """`Expect: 100-continue` is answered by the stream endpoint, once it has checked the
+    request (aiohttp would send 100 Continue before any handler runs)."""
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -1,8 +1,14 @@
-"""A request body, read as it arrives, within the size and time limits of the server."""
+"""A request body, read as it arrives and decompressed here, within the size and time limits.
+
+aiohttp's own decompression is off (`auto_decompress=False` in app.py), so a body is only
+looked at after the request's credentials were checked, every coding is decoded the same way
+on every aiohttp version, and a compressed stream that does not end properly is seen as such.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import AsyncIterator
 
 from aiohttp import StreamReader
@@ -11,21 +17,104 @@ from aiohttp.web import RequestPayloadError
 
 from flespi_receiver.errors import BodyIncomplete, BodyTimeout, BodyTooLarge
 
+# Content-Encoding values decoded here (RFC 9110: x-gzip is gzip); anything else gets 415
+CODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate"})
+# decompressed bytes handed on at a time, so that a bomb is stopped at max_size, not after
+_PIECE = 256 * 1024
+
+
+def content_coding(header: str | None) -> str | None:
+    """The one coding of a Content-Encoding header ("" when none), or None when unsupported."""
+    codings = [c.strip().lower() for c in (header or "").split(",") if c.strip()]
+    if not codings:
+        return ""
+    if len(codings) > 1 or codings[0] not in CODINGS:
+        return None
+    return "" if codings[0] == "identity" else codings[0]
+
+
+class _Decoder:
+    """Decompresses gzip (every member of a multi-member stream) or deflate (zlib or raw).
+
+    Raises BodyIncomplete for a stream that is corrupt, ends before its end, or has bytes
+    after its end.
+    """
+
+    def __init__(self, coding: str) -> None:
+        self._gzip = coding in ("gzip", "x-gzip")
+        self._name = "gzip" if self._gzip else "deflate"
+        self._pending = b""  # deflate: bytes kept until the zlib header can be recognised
+        self._inflate: zlib._Decompress | None = zlib.decompressobj(31) if self._gzip else None
+        self._started = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._inflate is None:
+            self._pending += data
+            if len(self._pending) < 2:
+                return []
+            data, self._pending = self._pending, b""
+            self._inflate = zlib.decompressobj(15 if _zlib_header(data) else -15)
+        return self._run(data)
+
+    def finish(self) -> list[bytes]:
+        if self._inflate is None or not self._inflate.eof:
+            raise BodyIncomplete(f"{self._name} stream ends before its end (truncated)")
+        return self._run(b"")
+
+    def _run(self, data: bytes) -> list[bytes]:
+        pieces = []
+        draining = False
+        while True:
+            inflate = self._inflate
+            assert inflate is not None
+            if inflate.eof:
+                data = inflate.unused_data + data
+                if not data:
+                    break
+                if not self._gzip:
+                    raise BodyIncomplete("bytes after the end of the deflate stream")
+                # RFC 1952: a gzip stream may hold several members, one after another
+                inflate = self._inflate = zlib.decompressobj(31)
+            elif not data and not draining:
+                break
+            try:
+                piece = inflate.decompress(data, _PIECE)
+            except zlib.error as exc:
+                raise BodyIncomplete(f"{self._name} stream is corrupt: {exc}") from None
+            if piece:
+                pieces.append(piece)
+            # at the end of a stream the rest is in unused_data (and in unconsumed_tail too)
+            data = b"" if inflate.eof else inflate.unconsumed_tail
+            draining = len(piece) == _PIECE  # output was cut at the limit: more may be held
+        return pieces
+
+
+def _zlib_header(data: bytes) -> bool:
+    """RFC 1950: deflate with a window of at most 32 KB, header bytes a multiple of 31."""
+    return data[0] & 0x0F == 8 and data[0] >> 4 <= 7 and (data[0] << 8 | data[1]) % 31 == 0
+
 
 class BodyReader:
     """Reads a body chunk by chunk and keeps what it read, so that it can also give the whole.
 
-    The size counts decompressed bytes (aiohttp decompresses as it reads), so a small gzip
-    bomb is stopped at max_size; the time limit counts from the reader's creation.
+    `coding` is what `content_coding` returned; the size counts decompressed bytes, so a gzip
+    bomb is stopped at max_size. The time limit counts from the reader's creation.
     """
 
-    def __init__(self, content: StreamReader, max_size: int, timeout: float) -> None:
+    def __init__(self, content: StreamReader, coding: str, max_size: int, timeout: float) -> None:
         self._content = content
+        self._decoder = _Decoder(coding) if coding else None
         self._max_size = max_size
         self._deadline = asyncio.get_running_loop().time() + timeout
         self._chunks: list[bytes] = []
+        self._ready: list[bytes] = []
         self._complete = False
-        self.size = 0
+        self.received = 0  # bytes as sent
+        self.size = 0  # bytes after decompression
+
+    def remaining(self) -> float:
+        """Seconds left for the body to arrive (0 once past its deadline)."""
+        return max(0.0, self._deadline - asyncio.get_running_loop().time())
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The chunks not read yet, as they arrive."""
@@ -39,23 +128,32 @@ class BodyReader:
         return b"".join(self._chunks)
 
     async def _next(self) -> bytes | None:
-        if self._complete:
-            return None
-        try:
-            async with asyncio.timeout_at(self._deadline):
-                chunk = await self._content.readany()
-        except TimeoutError:
-            # not a TimeoutError: inside a COPY, asyncpg would take that for its own timeout
-            raise BodyTimeout from None
-        except (ConnectionError, HttpProcessingError, RequestPayloadError) as exc:
-            # the client went away, or sent a body that can't be decompressed; not an OSError
-            # either: that would read as the database being away
-            raise BodyIncomplete(" ".join(str(exc).split()) or type(exc).__name__) from None
-        if not chunk:
-            self._complete = True
-            return None
+        while not self._ready:
+            if self._complete:
+                return None
+            data = await self._receive()
+            if self._decoder is None:
+                self._ready = [data] if data else []
+            else:
+                self._ready = self._decoder.feed(data) if data else self._decoder.finish()
+            self._complete = not data
+        chunk = self._ready.pop(0)
         self.size += len(chunk)
         if self.size > self._max_size:
             raise BodyTooLarge
         self._chunks.append(chunk)
         return chunk
+
+    async def _receive(self) -> bytes:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                data = await self._content.readany()
+        except TimeoutError:
+            # not a TimeoutError: inside a COPY, asyncpg would take that for its own timeout
+            raise BodyTimeout from None
+        except (ConnectionError, HttpProcessingError, RequestPayloadError) as exc:
+            # the client went away or broke the framing; not an OSError either: that would
+            # read as the database being away
+            raise BodyIncomplete(" ".join(str(exc).split()) or type(exc).__name__) from None
+        self.received += len(data)
+        return data

@@ -13,7 +13,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
-from flespi_receiver.body import BodyReader
+from flespi_receiver.body import BodyReader, content_coding
 from flespi_receiver.config import StreamSettings
 from flespi_receiver.errors import BatchRejected, BodyIncomplete, BodyTimeout, BodyTooLarge
 from flespi_receiver.metrics import Metrics
@@ -23,9 +23,8 @@ from flespi_receiver.store import StoreResult, store_batch
 
 log = structlog.get_logger("flespi_receiver.ingest")
 
-# Content-Encoding values aiohttp decompresses for us; anything else is refused with 415
-ACCEPTED_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 RETRY_AFTER_SECONDS = "5"
+BUG = "internal error; the batch was not stored"
 # Bodies declared larger than this are stored while they arrive (a 1000-message batch is ~1 MB)
 STREAMED_BODY = 64 * 1024
 DEADLOCK_ATTEMPTS = 3
@@ -72,6 +71,12 @@ def _reason(response: web.Response) -> str:
     return ""
 
 
+def _broken(response: web.Response) -> web.Response:
+    """A transfer that broke off: the connection is closed after the reply, never reused."""
+    response.force_close()
+    return response
+
+
 def authorized(header: str | None, accepted: list[bytes]) -> bool:
     """Constant-time check of the Authorization header against every accepted value."""
     if header is None:
@@ -114,16 +119,31 @@ class StreamEndpoint:
         self.current = (stream, credentials)
 
     async def handle(self, request: web.Request) -> web.Response:
+        """Answer one batch request; every reply, 500s included, is one `batch` log line."""
         started = time.perf_counter()
         stream, credentials = self.current
         request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
         client = client_address(request.remote, request.headers, self.access.trusted_proxies)
         bound = log.bind(stream=stream.name, request_id=request_id, client=str(client))
-        response, result, size = await self._answer(request, stream, credentials, client, bound)
+        failure: Exception | None = None
+        try:
+            response, result, size = await self._answer(request, stream, credentials, client, bound)
+        except Exception as exc:  # a bug: still one reply, one log line, one count
+            failure = exc
+            response, result, size = error_response(500, BUG), None, 0
+        if not request.content.is_eof():
+            # the rest of the body is still on its way: this connection can't carry another
+            response.force_close()
         duration = time.perf_counter() - started
         self.metrics.requests.labels(stream.name, str(response.status)).inc()
         self.metrics.duration.labels(stream.name).observe(duration)
-        event = bound.info if response.status == 200 else bound.warning
+        event = (
+            bound.info
+            if response.status == 200
+            else bound.error
+            if response.status >= 500 and response.status != 503
+            else bound.warning
+        )
         event(
             "batch",
             status=response.status,
@@ -134,6 +154,7 @@ class StreamEndpoint:
             rejected=result.rejected if result else 0,
             duration_ms=round(duration * 1000, 2),
             **({"reason": _reason(response)} if response.status != 200 else {}),
+            **({"exc_info": failure} if failure is not None else {}),
         )
         response.headers["X-Request-Id"] = request_id
         return response
@@ -147,7 +168,9 @@ class StreamEndpoint:
         bound: structlog.typing.FilteringBoundLogger,
     ) -> tuple[web.Response, StoreResult | None, int]:
         if not request.app[ACCEPTING].is_set():
-            return error_response(503, "receiver is shutting down", **{"Retry-After": "1"}), None, 0
+            reply = error_response(503, "receiver is shutting down", **{"Retry-After": "1"})
+            reply.force_close()  # the next batch goes to a receiver that is not stopping
+            return reply, None, 0
         if not (
             allowed(client, self.access.allowed_networks)
             and allowed(client, list(stream.allowed_networks))
@@ -167,10 +190,19 @@ class StreamEndpoint:
             self.access.limiter.failed(key)
             self.metrics.auth_failures.labels(stream.name).inc()
             return error_response(401, "missing or wrong Authorization header"), None, 0
-        refusal = self._refuse_headers(request)
-        if refusal is not None:
-            return refusal, None, 0
-        reader = BodyReader(request.content, self.limits.max_body_size, self.limits.body_timeout)
+        coding = content_coding(request.headers.get("Content-Encoding"))
+        refusal = self._refuse_headers(request, coding)
+        if refusal is not None or coding is None:
+            return refusal or self._unsupported(request), None, 0
+        expect = request.headers.get("Expect")
+        if expect is not None:
+            if expect.strip().lower() != "100-continue":
+                return error_response(417, f"Expect {expect!r} is not supported"), None, 0
+            # everything that could refuse the request has had its say: now the body may come
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        reader = BodyReader(
+            request.content, coding, self.limits.max_body_size, self.limits.body_timeout
+        )
         try:
             # a large body is stored as it arrives; a small one is read whole first
             large = (request.content_length or 0) > STREAMED_BODY
@@ -178,21 +210,25 @@ class StreamEndpoint:
             response, result = await self._store(request.app[POOL], stream, body, bound)
         except BodyTimeout:
             reply = error_response(408, f"body not received within {self.limits.body_timeout}s")
-            return reply, None, reader.size
+            return _broken(reply), None, reader.received
         except BodyTooLarge:
-            return self._too_large(), None, reader.size
+            return _broken(self._too_large()), None, reader.received
         except BodyIncomplete as exc:
-            return error_response(400, f"body incomplete or undecodable: {exc}"), None, reader.size
-        return response, result, reader.size
+            reply = error_response(400, f"body incomplete or undecodable: {exc}")
+            return _broken(reply), None, reader.received
+        return response, result, reader.received
 
-    def _refuse_headers(self, request: web.Request) -> web.Response | None:
-        encoding = request.headers.get("Content-Encoding", "").strip().lower()
-        if encoding not in ACCEPTED_ENCODINGS:
-            return error_response(415, f"Content-Encoding {encoding!r} is not supported; use gzip")
+    def _refuse_headers(self, request: web.Request, coding: str | None) -> web.Response | None:
         length = request.content_length
         if length is not None and length > self.limits.max_body_size:
             return self._too_large()
         return None
+
+    def _unsupported(self, request: web.Request) -> web.Response:
+        encoding = request.headers.get("Content-Encoding", "")
+        return error_response(
+            415, f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none"
+        )
 
     def _too_large(self) -> web.Response:
         return error_response(

@@ -1,0 +1,197 @@
+"""Broken transfers and refused requests: the right code first, nothing kept, the log says so.
+
+A compressed body that does not end properly is a broken transfer (400, Connection: close),
+never content to quarantine; a refusal (credentials, size, coding) is the first reply, also
+when the client waits for `100 Continue` before sending its body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+import zlib
+from collections.abc import Callable
+
+import asyncpg
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from flespi_receiver.ingest import STREAMED_BODY
+
+from conftest import Client, ClientFactory
+from helpers import AUTH, TOKEN, count, flespi_message
+
+SMALL = orjson.dumps([{"ident": "a"}, {"ident": "b"}])
+LARGE = orjson.dumps([flespi_message(i) for i in range(400)])
+
+
+def raw_deflate(body: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-15)
+    return packer.compress(body) + packer.flush()
+
+
+def corrupt_crc(packed: bytes) -> bytes:
+    return packed[:-8] + bytes([packed[-8] ^ 0xFF]) + packed[-7:]
+
+
+# (name, Content-Encoding, body -> the bytes sent)
+BROKEN: list[tuple[str, str, Callable[[bytes], bytes]]] = [
+    ("gzip-minus-9-bytes", "gzip", lambda b: gzip.compress(b)[:-9]),
+    ("gzip-half", "gzip", lambda b: gzip.compress(b)[: len(gzip.compress(b)) // 2]),
+    ("gzip-last-byte-missing", "gzip", lambda b: gzip.compress(b)[:-1]),
+    ("gzip-bad-checksum", "gzip", lambda b: corrupt_crc(gzip.compress(b))),
+    ("gzip-trailing-garbage", "gzip", lambda b: gzip.compress(b) + b"garbage"),
+    ("gzip-second-member-cut", "x-gzip", lambda b: gzip.compress(b) + gzip.compress(b)[:30]),
+    ("gzip-not-gzip", "gzip", lambda b: b),
+    ("gzip-empty", "gzip", lambda b: b""),
+    ("zlib-half", "deflate", lambda b: zlib.compress(b)[: len(zlib.compress(b)) // 2]),
+    ("zlib-bad-checksum", "deflate", lambda b: zlib.compress(b)[:-1] + b"\x00"),
+    ("zlib-trailing-garbage", "deflate", lambda b: zlib.compress(b) + b"x"),
+    ("raw-deflate-half", "deflate", lambda b: raw_deflate(b)[: len(raw_deflate(b)) // 2]),
+]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == {"stream": "main", **labels}:
+                return sample.value
+    return 0.0
+
+
+async def metrics_text(client: Client) -> str:
+    return await (await client.get("/metrics")).text()
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize(("coding", "damage"), [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN])
+async def test_broken_compressed_body_gets_400_and_nothing_is_kept(
+    receiver: ClientFactory,
+    db: asyncpg.Connection,
+    coding: str,
+    damage: Callable[[bytes], bytes],
+    size: str,
+) -> None:
+    client = await receiver()
+    body = SMALL if size == "small" else LARGE
+    sent = damage(body)
+    headers = {**AUTH, "Content-Encoding": coding}
+    with capture_logs() as logs:
+        reply = await client.post("/flespi", data=sent, headers=headers)
+        assert reply.status == 400
+        assert (await reply.json())["error"].startswith("body incomplete or undecodable")
+    assert reply.headers["Connection"] == "close"
+    assert await count(db) == 0
+    assert await count(db, "rejected_messages") == 0
+    (line,) = [e for e in logs if e["event"] == "batch"]
+    assert (line["status"], line["bytes"]) == (400, len(sent))
+    assert metric(await metrics_text(client), "flespi_receiver_requests_total", status="400") == 1
+
+
+async def test_a_large_compressed_body_is_cut_while_it_is_stored(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    # large enough compressed to take the path that stores a body while it arrives
+    body = orjson.dumps([flespi_message(i) for i in range(6000)])
+    packed = gzip.compress(body)
+    assert len(packed) > STREAMED_BODY
+    client = await receiver()
+    for sent in (packed[:-9], packed[: len(packed) // 2], corrupt_crc(packed)):
+        reply = await client.post(
+            "/flespi", data=sent, headers={**AUTH, "Content-Encoding": "gzip"}
+        )
+        assert (reply.status, reply.headers["Connection"]) == (400, "close")
+    assert await count(db) + await count(db, "rejected_messages") == 0
+    reply = await client.post("/flespi", data=packed, headers={**AUTH, "Content-Encoding": "gzip"})
+    assert (reply.status, (await reply.json())["stored"]) == (200, 6000)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "x-gzip", "GZIP", "deflate", "identity", ""])
+async def test_every_member_of_a_gzip_stream_is_read(
+    receiver: ClientFactory, db: asyncpg.Connection, coding: str
+) -> None:
+    client = await receiver()
+    a, b = orjson.dumps(flespi_message(1)), orjson.dumps(flespi_message(2))
+    raw = b"[" + a + b"," + b + b"]"
+    if coding.lower() in ("gzip", "x-gzip"):
+        # one body in two gzip members, as concatenated files or a flushing writer produce
+        sent = gzip.compress(raw[:40]) + gzip.compress(raw[40:])
+    elif coding == "deflate":
+        sent = raw_deflate(raw)  # raw deflate, as some clients send it, is read too
+    else:
+        sent = raw
+    reply = await client.post("/flespi", data=sent, headers={**AUTH, "Content-Encoding": coding})
+    assert (reply.status, await reply.json()) == (
+        200,
+        {"stored": 2, "duplicates": 0, "rejected": 0},
+    )
+    assert await count(db) == 2
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "gzip, gzip", "deflate, br"])
+async def test_unsupported_coding_gets_415_in_json_after_authorization(
+    receiver: ClientFactory, db: asyncpg.Connection, coding: str
+) -> None:
+    client = await receiver()
+    headers = {"Content-Encoding": coding}
+    with capture_logs() as logs:
+        wrong = await client.post("/flespi", data=b"\x00\xff", headers=headers)
+        assert (wrong.status, wrong.content_type) == (401, "application/json")
+        refused = await client.post("/flespi", data=b"\x00\xff", headers={**AUTH, **headers})
+        assert (refused.status, refused.content_type) == (415, "application/json")
+    assert repr(coding) in (await refused.json())["error"]
+    assert [e["status"] for e in logs if e["event"] == "batch"] == [401, 415]
+    text = await metrics_text(client)
+    assert metric(text, "flespi_receiver_requests_total", status="415") == 1
+    assert await count(db) + await count(db, "rejected_messages") == 0
+
+
+def headers_only(port: int, token: str, length: int) -> socket.socket:
+    raw = socket.create_connection(("127.0.0.1", port))
+    raw.sendall(
+        b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: " + token.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+        b"Content-Length: " + str(length).encode() + b"\r\n\r\n"
+    )
+    return raw
+
+
+async def first_reply(raw: socket.socket) -> bytes:
+    raw.settimeout(5)
+    return await asyncio.to_thread(raw.recv, 4096)
+
+
+@pytest.mark.parametrize(
+    ("token", "length", "status"),
+    [("Bearer wrong", 200_000, b"401"), (TOKEN, 10_000_000, b"413")],
+    ids=["wrong-token", "oversized"],
+)
+async def test_expect_100_continue_gets_the_refusal_first(
+    receiver: ClientFactory, db: asyncpg.Connection, token: str, length: int, status: bytes
+) -> None:
+    client = await receiver(extra="max_body_size = 1000000")
+    raw = await asyncio.to_thread(headers_only, client.port, token, length)
+    try:
+        reply = await first_reply(raw)
+    finally:
+        raw.close()
+    assert reply.startswith(b"HTTP/1.1 " + status), reply
+    assert b"Connection: close" in reply
+    assert await count(db) == 0
+
+
+async def test_expect_100_continue_then_the_body_is_stored(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver()
+    raw = await asyncio.to_thread(headers_only, client.port, TOKEN, len(SMALL))
+    try:
+        assert (await first_reply(raw)).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        raw.sendall(SMALL)
+        assert (await first_reply(raw)).startswith(b"HTTP/1.1 200")
+    finally:
+        raw.close()
+    assert await count(db) == 2
