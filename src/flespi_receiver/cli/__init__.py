@@ -14,13 +14,13 @@ import asyncpg
 import structlog
 
 from flespi_receiver import __version__
-from flespi_receiver.cli import bench, check_config, emulate, migrate, serve
+from flespi_receiver.cli import bench, check_config, db_url, emulate, migrate, psql, serve
 from flespi_receiver.cli.common import EXIT_FAILURE
 from flespi_receiver.errors import ReceiverError
 
 log = structlog.get_logger("flespi_receiver.cli")
 
-COMMANDS = (serve, migrate, check_config, emulate, bench)
+COMMANDS = (serve, migrate, check_config, db_url, psql, emulate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; errors a user can cause end with a message and exit 1 or 2, no traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # a command that passes arguments through (psql) gets those it does not know itself
+    args, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(args, "passthrough"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.passthrough = [*args.passthrough, *extra]
     try:
         status: int = args.handler(args)
     except ReceiverError as exc:

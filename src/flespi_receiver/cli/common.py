@@ -24,13 +24,25 @@ class Handler(Protocol):
 
 
 def add_command(
-    commands: Subcommands, name: str, text: str, handler: Handler, *, config: bool = True
+    commands: Subcommands,
+    name: str,
+    text: str,
+    handler: Handler,
+    *,
+    config: bool = True,
+    passthrough: bool = False,
 ) -> argparse.ArgumentParser:
-    """A subcommand whose `handler(args)` runs it and returns the exit status."""
-    parser = commands.add_parser(name, help=text, description=text)
+    """A subcommand whose `handler(args)` runs it and returns the exit status.
+
+    With `passthrough`, arguments the command does not know are kept, in order, in
+    `args.passthrough` (for a program it runs) instead of being an error.
+    """
+    parser = commands.add_parser(name, help=text, description=text, allow_abbrev=False)
     if config:
         add_config_option(parser)
     parser.set_defaults(handler=handler)
+    if passthrough:
+        parser.set_defaults(passthrough=[])
     return parser
 
 

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command, load
-from flespi_receiver.database import apply_migrations, database_url
+from flespi_receiver.database import apply_migrations, open_database
 
 
 def register(commands: Subcommands) -> None:
@@ -15,6 +15,6 @@ def register(commands: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings, _ = load(args)
-    with database_url(settings) as dsn:
-        asyncio.run(apply_migrations(settings, dsn))
+    with open_database(settings) as database:
+        asyncio.run(apply_migrations(settings, database.url))
     return EXIT_OK

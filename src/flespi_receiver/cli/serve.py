@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command, load
 from flespi_receiver.config import Settings
-from flespi_receiver.database import apply_migrations, database_url
+from flespi_receiver.database import Database, apply_migrations, open_database
 from flespi_receiver.server import serve_app
 
 
@@ -18,14 +18,31 @@ def register(commands: Subcommands) -> None:
     )
 
 
-async def serve(settings: Settings, dsn: str, config: Path) -> None:
-    """Migrate, then serve until SIGTERM or SIGINT."""
-    await apply_migrations(settings, dsn)
-    await serve_app(settings, dsn, config)
+async def serve(settings: Settings, database: Database, config: Path) -> None:
+    """Migrate, then serve until SIGTERM or SIGINT.
+
+    On the embedded server this process owns, a server that stops under it is started again;
+    if that fails, serving ends with CommandFailed (the exit is non-zero).
+    """
+    await apply_migrations(settings, database.url)
+    serving = asyncio.create_task(serve_app(settings, database.url, config))
+    if database.embedded is None or not database.owned:
+        await serving
+        return
+    watching = asyncio.create_task(database.embedded.watch())
+    try:
+        await asyncio.wait({serving, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (watching, serving):
+            task.cancel()
+        outcomes = await asyncio.gather(watching, serving, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+            raise outcome
 
 
 def run(args: argparse.Namespace) -> int:
     settings, config = load(args)
-    with database_url(settings) as dsn:
-        asyncio.run(serve(settings, dsn, config))
+    with open_database(settings, exclusive=True) as database:
+        asyncio.run(serve(settings, database, config))
     return EXIT_OK
