@@ -42,6 +42,12 @@ async def test_documented_queries_run(
     client = await receiver()
     batch = [flespi_message(i, ident="352625333222111") for i in range(5)]
     await client.post("/flespi", data=orjson.dumps(batch), headers=AUTH)
+    # every kind of rejected row the receiver writes: the recipes must work on all of them
+    hostile = b'[{"ident": "\xff\xfe"}, {"note": "\\u0000"}, {"ident": 1, "ident": 2}]'
+    for body in (hostile, b"\x00 not json \xff"):
+        reply = await client.post("/flespi", data=body, headers=AUTH)
+        assert reply.status == 200
+    assert await db.fetchval("SELECT count(*) FROM flespi.rejected_messages") == 4
     speed = ColumnSettings(name="speed", parameter="position.speed", type="double precision")
     await apply_columns(db, [speed])
     await db.execute("SET search_path = flespi, public")

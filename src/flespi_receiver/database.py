@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 import asyncpg
 import structlog
 
-from flespi_receiver.app import connection_settings
 from flespi_receiver.columns import apply_columns
 from flespi_receiver.config import Settings
 from flespi_receiver.errors import CommandFailed
@@ -91,6 +90,9 @@ def running_database_url(settings: Settings) -> str:
 
 async def connect(settings: Settings, dsn: str) -> asyncpg.Connection:
     """One connection with the receiver's session settings (search_path on its schema)."""
+    # the web application's module is not needed by the commands that only read
+    from flespi_receiver.app import connection_settings
+
     return await asyncpg.connect(dsn, server_settings=connection_settings(settings))
 
 

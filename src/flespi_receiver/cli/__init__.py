@@ -14,13 +14,23 @@ import asyncpg
 import structlog
 
 from flespi_receiver import __version__
-from flespi_receiver.cli import bench, check_config, db_url, emulate, migrate, psql, serve
+from flespi_receiver.cli import (
+    bench,
+    check_config,
+    db_url,
+    emulate,
+    migrate,
+    psql,
+    rejected,
+    serve,
+    status,
+)
 from flespi_receiver.cli.common import EXIT_FAILURE
 from flespi_receiver.errors import ReceiverError
 
 log = structlog.get_logger("flespi_receiver.cli")
 
-COMMANDS = (serve, migrate, check_config, db_url, psql, emulate, bench)
+COMMANDS = (serve, migrate, check_config, status, rejected, db_url, psql, emulate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

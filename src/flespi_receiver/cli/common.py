@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import asyncpg
 
 from flespi_receiver.config import Settings, config_path, load_settings
+from flespi_receiver.database import Database, connect, open_database
+from flespi_receiver.errors import CommandFailed
 from flespi_receiver.log import configure_logging
 
 if TYPE_CHECKING:
@@ -60,3 +66,28 @@ def load(args: argparse.Namespace) -> tuple[Settings, Path]:
     settings = load_settings(path)
     configure_logging(settings.log)
     return settings, path
+
+
+T = TypeVar("T")
+
+
+def with_connection(
+    settings: Settings, work: Callable[[asyncpg.Connection, Database], Awaitable[T]]
+) -> T:
+    """Run `work` on one connection to the configured database (the embedded server: the
+    running one, else started for the time it takes); the result of `work`."""
+
+    async def run(database: Database) -> T:
+        conn = await connect(settings, database.url)
+        try:
+            return await work(conn, database)
+        except asyncpg.UndefinedTableError as exc:
+            raise CommandFailed(
+                f"{exc}: the schema {settings.database.schema_name!r} is not set up on this "
+                "database; run flespi-receiver migrate (serve does it too)"
+            ) from None
+        finally:
+            await conn.close()
+
+    with open_database(settings) as database:
+        return asyncio.run(run(database))
