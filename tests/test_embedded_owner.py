@@ -102,6 +102,10 @@ async def test_commands_beside_a_serving_receiver_use_its_server(
 
     migrated = await asyncio.to_thread(cli, embedded, "migrate")
     assert migrated.returncode == 0, migrated.stderr
+    status = await asyncio.to_thread(cli, embedded, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = orjson.loads(status.stdout)
+    assert (report["database"]["embedded"], report["streams"][0]["stored"]) == (True, 1)
     url = await asyncio.to_thread(cli, embedded, "db-url")
     assert url.returncode == 0, url.stderr
     conn = await asyncpg.connect(url.stdout.strip())

@@ -9,6 +9,8 @@ from typing import Any
 import asyncpg
 import orjson
 
+from flespi_receiver.embedded import free_port
+
 from conftest import Client, ClientFactory, Server
 from helpers import SCRIPT, TOKEN, count
 
@@ -49,6 +51,30 @@ async def test_emulate_delivers_every_message_once(
     assert summary["statuses"] == {"200": summary["posts"]}
     assert summary["resent_acknowledged"] > 0
     assert await count(db) == 250
+    # the receiver's own counts: what was sent again was a duplicate
+    assert (summary["stored"], summary["duplicates"], summary["rejected"]) == (
+        250,
+        summary["resent_acknowledged"],
+        0,
+    )
+    # current device times by default: the last message is from about now
+    age = await db.fetchval("SELECT extract(epoch FROM now() - max(ts)) FROM messages")
+    assert -5 < age < 120
+
+
+async def test_emulate_rerun_with_a_fixed_start_is_all_duplicates(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver()
+    options = ("--count", "30", "--authorization", TOKEN, "--start-time", "2025-11-24T16:00:00")
+    summaries = []
+    for _ in range(2):
+        returncode, stdout, stderr = await emulate(client, *options)
+        assert returncode == 0, stderr
+        summaries.append(orjson.loads(stdout))
+    assert [(s["stored"], s["duplicates"]) for s in summaries] == [(30, 0), (0, 30)]
+    assert summaries[0]["first_timestamp"] == 1764000000
+    assert await count(db) == 30
 
 
 def bench(server: Server, *options: str) -> tuple[subprocess.CompletedProcess[str], Any]:
@@ -82,11 +108,24 @@ def test_growth_and_memory_benchmarks_run(pg_server: Server) -> None:
     assert 3.9 < memory["big_body_mb"] <= 4.0
 
 
-async def test_emulate_can_give_up_on_a_refused_batch(receiver: ClientFactory) -> None:
+async def test_emulate_stops_on_a_wrong_token(receiver: ClientFactory) -> None:
     client = await receiver()
-    returncode, _, stderr = await emulate(
-        client, "--count", "10", "--authorization", "Bearer wrong", "--max-attempts", "3"
+    returncode, stdout, stderr = await emulate(
+        client, "--count", "10", "--authorization", "Bearer wrong"
     )
     assert returncode == 1
-    assert b"not acknowledged after 3 attempts" in stderr
+    assert b"answered 401" in stderr
+    assert b"check --authorization" in stderr
+    assert b"Traceback" not in stderr
+    assert stdout == b""
+
+
+async def test_emulate_stops_when_nothing_listens() -> None:
+    url = f"http://127.0.0.1:{free_port()}/flespi"
+    process = await asyncio.create_subprocess_exec(
+        str(SCRIPT), "emulate", url, "--count", "5", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 1
+    assert f"cannot connect to {url}".encode() in stderr
     assert b"Traceback" not in stderr

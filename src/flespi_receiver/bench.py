@@ -32,6 +32,7 @@ from flespi_receiver.emulator import StreamEmulator, batches_of, encode_messages
 from flespi_receiver.fields import MESSAGE_COLUMNS
 from flespi_receiver.messages import Message
 from flespi_receiver.migrate import create_migrated_database
+from flespi_receiver.progress import progress_bar
 
 BENCH_DATABASE = "flespi_bench"
 SCHEMA = "flespi"
@@ -315,15 +316,21 @@ async def run_benchmark(
     url = await prepare_database(admin_url)
     runs: list[Run] = []
     round_ratios: dict[int, dict[str, list[float]]] = {}
-    with tempfile.TemporaryDirectory() as workdir:
+    bar = progress_bar(len(sizes) * rounds, "runs", "benchmark")
+    with tempfile.TemporaryDirectory() as workdir, bar:
         for size in sizes:
             # tiny batches are slow by nature: fewer messages keep the run short
             messages = max(count if size >= 100 else count // 10, size * 10)
             # each round starts on empty tables; ratios are taken within a round
-            measured = [
-                await bench_batch_size(url, size, messages, gzip_level, Path(workdir), device_state)
-                for _ in range(rounds)
-            ]
+            measured = []
+            for number in range(1, rounds + 1):
+                bar.set_description(f"batch size {size}, round {number}/{rounds}")
+                measured.append(
+                    await bench_batch_size(
+                        url, size, messages, gzip_level, Path(workdir), device_state
+                    )
+                )
+                bar.update(1)
             runs.extend(median_run(list(group)) for group in zip(*measured, strict=True))
             round_ratios[size] = paired_ratios(measured)
     summary = report(runs, round_ratios)

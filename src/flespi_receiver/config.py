@@ -22,10 +22,10 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from flespi_receiver.config_sources import ENV_PREFIX, describe, merge, read_environment
 from flespi_receiver.errors import ConfigError
 from flespi_receiver.fields import MESSAGE_COLUMNS
 
-ENV_PREFIX = "FLESPI_RECEIVER_"
 CONFIG_ENV = "FLESPI_RECEIVER_CONFIG"
 DEFAULT_CONFIG = Path("config.toml")
 MASK = "********"
@@ -212,8 +212,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # the environment wins over the file, which arrives as init values
-        return (env_settings, init_settings)
+        # load_settings merges the environment over the file itself, knowing each key's source
+        return (init_settings,)
 
     @model_validator(mode="after")
     def _unique_columns(self) -> Settings:
@@ -239,36 +239,25 @@ def config_path(cli_path: str | None) -> Path:
     return Path(cli_path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
 
 
-def _describe(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling against config.example.toml)"
-        elif item["type"] == "missing":
-            message = "is required"
-        lines.append(f"  {key}: {message}")
-    return "invalid configuration:\n" + "\n".join(lines)
-
-
 def load_settings(path: Path) -> Settings:
-    """Read the TOML file (if it exists) and the environment; raise ConfigError naming bad keys."""
+    """Read the TOML file (if it exists) and the `FLESPI_RECEIVER_*` environment over it;
+    raise ConfigError naming the variable, or the file and key, of each bad value."""
+    overrides = read_environment(os.environ, Settings)
     data: dict[str, Any] = {}
     if path.exists():
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    elif not any(name.startswith(ENV_PREFIX) for name in os.environ):
+    elif not overrides.data:
         raise ConfigError(
             f"config file {path} not found; pass --config PATH, set {CONFIG_ENV}, "
             "or copy config.example.toml to config.toml"
         )
     try:
-        return Settings(**data)
+        return Settings(**merge(data, overrides))
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {_describe(exc)}") from None
+        raise ConfigError(describe(exc, path, overrides)) from None
 
 
 def mask_url(url: str) -> str:

@@ -3,7 +3,9 @@
 Anything but 200 (or a dropped connection, or a timeout) makes it send the same batch again.
 It can also re-send batches that were already acknowledged, with other boundaries, the way a
 reply lost on the way back makes flespi do. Used by the tests, the benchmark and
-`flespi-receiver emulate URL` for load-testing a deployment.
+`flespi-receiver emulate URL` for load-testing a deployment; the latter gives up with
+DeliveryFailed on what retrying can't fix (`stop_on_refusal`): a 4xx other than 408, or
+nothing listening at the URL.
 """
 
 from __future__ import annotations
@@ -12,17 +14,37 @@ import asyncio
 import gzip
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
 
+# messages of the tests and the benchmark are the same from run to run
+FIXED_START = 1764000000
+# what retrying can't fix: a client error other than 408 (the body took too long)
+RETRYABLE_CLIENT_ERRORS = frozenset({408})
+REASONS = {
+    401: "the receiver refused the credentials: check --authorization",
+    403: "the receiver refuses this client's address (allowed_networks)",
+    404: "no stream at this path: check the URL against the streams' path",
+    413: "the batch is larger than the receiver's max_body_size: lower --batch-size",
+    429: "too many failed authentications from this address: check --authorization and "
+    "wait a minute",
+}
 
-def sample_message(number: int, rng: random.Random) -> dict[str, Any]:
-    """A realistic message: ~45 dotted parameters, ~0.9 KB, arrays, objects, non-ASCII, nulls."""
-    second = 1764000000 + number
+
+class DeliveryFailed(RuntimeError):
+    """A batch that will not be acknowledged: the reply says why, or the retries ran out."""
+
+
+def sample_message(number: int, rng: random.Random, start: int = FIXED_START) -> dict[str, Any]:
+    """A realistic message: ~45 dotted parameters, ~0.9 KB, arrays, objects, non-ASCII, nulls.
+
+    Its device time is `start + number` seconds (server time 0.75 s later).
+    """
+    second = start + number
     return {
         "ident": f"35{number % 5000:013d}",
         "timestamp": second + rng.randrange(1_000_000) / 1e6,
@@ -74,9 +96,12 @@ def sample_message(number: int, rng: random.Random) -> dict[str, Any]:
     }
 
 
-def sample_messages(count: int, seed: int = 0, start: int = 0) -> list[dict[str, Any]]:
+def sample_messages(
+    count: int, seed: int = 0, start: int = 0, start_time: int = FIXED_START
+) -> list[dict[str, Any]]:
+    """`count` messages numbered from `start`, one second apart from `start_time`."""
     rng = random.Random(seed)
-    return [sample_message(start + i, rng) for i in range(count)]
+    return [sample_message(start + i, rng, start_time) for i in range(count)]
 
 
 @dataclass
@@ -87,6 +112,10 @@ class EmulatorStats:
     connection_errors: int = 0
     resent_acknowledged: int = 0
     messages_sent: int = 0
+    # the receiver's own counts, summed from its 200 replies
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
     reply_times: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
 
@@ -110,6 +139,8 @@ class StreamEmulator:
         timeout: float = 60.0,
         seed: int = 0,
         max_attempts: int | None = None,
+        stop_on_refusal: bool = False,
+        on_batch: Callable[[int, EmulatorStats], None] | None = None,
     ) -> None:
         self.url = url
         self.headers = {"Content-Type": "application/json"}
@@ -124,6 +155,10 @@ class StreamEmulator:
         self.rng = random.Random(seed)
         # None: like flespi, try forever; a number: give up loudly (benchmarks, load tests)
         self.max_attempts = max_attempts
+        # False, like flespi: retry everything; True: DeliveryFailed on what retrying can't fix
+        self.stop_on_refusal = stop_on_refusal
+        # called with the number of new messages after each acknowledged batch (progress)
+        self.on_batch = on_batch
         self.stats = EmulatorStats()
 
     def _body(self, messages: Sequence[bytes]) -> bytes:
@@ -136,30 +171,68 @@ class StreamEmulator:
         """POST one batch until it gets a 200, as flespi does."""
         body = self._body(messages)
         attempts = 0
+        delay = self.retry_delay
         while True:
             attempts += 1
             if self.max_attempts is not None and attempts > self.max_attempts:
-                raise RuntimeError(
+                raise DeliveryFailed(
                     f"batch of {len(messages)} not acknowledged after {self.max_attempts} "
-                    f"attempts; replies so far: {self.stats.statuses}"
+                    f"attempts; replies so far: {self._replies()}"
                 )
             self.stats.posts += 1
             started = time.perf_counter()
             try:
                 async with session.post(self.url, data=body, headers=self.headers) as reply:
-                    await reply.read()
+                    content = await reply.read()
                     status = reply.status
+            except aiohttp.ClientConnectorError as exc:
+                self.stats.connection_errors += 1
+                if self.stop_on_refusal:
+                    raise DeliveryFailed(f"cannot connect to {self.url}: {exc.os_error}") from None
+                await asyncio.sleep(delay)
+                continue
             except (aiohttp.ClientError, TimeoutError):
                 self.stats.connection_errors += 1
-                await asyncio.sleep(self.retry_delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0) if self.stop_on_refusal else delay
                 continue
             self.stats.reply_times.append(time.perf_counter() - started)
             self.stats.statuses[status] = self.stats.statuses.get(status, 0) + 1
             if status == 200:
                 self.stats.messages_sent += len(messages)
+                self._count(content)
                 return
             self.stats.non_200 += 1
-            await asyncio.sleep(self.retry_delay)
+            refused = 400 <= status < 500 and status not in RETRYABLE_CLIENT_ERRORS
+            if self.stop_on_refusal and refused:
+                raise DeliveryFailed(self._refusal(status, content))
+            await asyncio.sleep(delay)
+            # a receiver that answers 503 is given time to recover, up to 2 s between tries
+            delay = min(delay * 2, 2.0) if self.stop_on_refusal else delay
+
+    def _replies(self) -> str:
+        parts = [f"{count} x {status}" for status, count in sorted(self.stats.statuses.items())]
+        if self.stats.connection_errors:
+            parts.append(f"{self.stats.connection_errors} x no reply")
+        return ", ".join(parts) or "none"
+
+    def _refusal(self, status: int, content: bytes) -> str:
+        try:
+            said = orjson.loads(content).get("error")
+        except (orjson.JSONDecodeError, AttributeError):
+            said = None
+        reason = REASONS.get(status, "the receiver refused the batch")
+        return f"{self.url} answered {status}" + (f" ({said})" if said else "") + f": {reason}"
+
+    def _count(self, content: bytes) -> None:
+        try:
+            counts = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return  # a receiver of another make; its 200 is all there is
+        if isinstance(counts, dict):
+            self.stats.stored += int(counts.get("stored", 0))
+            self.stats.duplicates += int(counts.get("duplicates", 0))
+            self.stats.rejected += int(counts.get("rejected", 0))
 
     async def run(self, messages: Sequence[bytes], batch_size: int) -> EmulatorStats:
         """Deliver every message (each already JSON-encoded) in batches of `batch_size`."""
@@ -169,6 +242,8 @@ class StreamEmulator:
                 await self.deliver(session, batch)
                 self.stats.batches += 1
                 acknowledged.extend(batch)
+                if self.on_batch is not None:
+                    self.on_batch(len(batch), self.stats)
                 if acknowledged and self.rng.random() < self.resend_rate:
                     # a lost reply: part of what was acknowledged comes again, split differently
                     start = self.rng.randrange(len(acknowledged))

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from flespi_receiver.app import create_app, create_metrics_app
 from flespi_receiver.config import ServerSettings, Settings, load_settings, mask_url
+from flespi_receiver.config_diff import settings_needing_restart
 from flespi_receiver.errors import ConfigError
 from flespi_receiver.state import ACCEPTING, ENDPOINTS, METRICS
 
@@ -40,8 +41,9 @@ def reload(
         log.error("reload refused: the old configuration stays", error=str(exc))
         return current
     endpoints = app[ENDPOINTS]
-    if {s.name: s.path for s in new.streams} != {s.name: s.path for s in current.streams}:
-        log.warning("reload: stream names and paths change only on restart")
+    restart = settings_needing_restart(current, new)
+    if restart:
+        log.warning("reload: these settings change only on restart", settings=restart)
     for stream in new.streams:
         if stream.name in endpoints:
             endpoints[stream.name].reload(stream)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
+import sys
 from pathlib import Path
 
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command
 from flespi_receiver.errors import CommandFailed
+
+DEFAULT_DATA_DIR = Path(".data/bench-postgres")
 
 
 def register(commands: Subcommands) -> None:
@@ -21,9 +25,13 @@ def register(commands: Subcommands) -> None:
     bench.add_argument("--database-url", help="an existing server (default: embedded)")
     bench.add_argument(
         "--data-dir",
-        default=".data/bench-postgres",
+        default=DEFAULT_DATA_DIR,
         type=Path,
-        help="embedded server folder (default: %(default)s)",
+        help="embedded server folder (default: %(default)s); removed at the end unless --keep "
+        "or it held something before this run",
+    )
+    bench.add_argument(
+        "--keep", action="store_true", help="keep the embedded server's folder at the end"
     )
     bench.add_argument("--count", type=int, default=20000, help="messages per run")
     bench.add_argument(
@@ -65,14 +73,37 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.database_url:
             asyncio.run(_bench_on(args.database_url, args))
-            return EXIT_OK
-        from flespi_receiver.embedded import EmbeddedPostgres
-
-        with EmbeddedPostgres(args.data_dir) as url:
-            asyncio.run(_bench_on(url, args))
+        else:
+            _bench_embedded(args)
     except RuntimeError as exc:  # a batch never acknowledged, a receiver that did not start
         raise CommandFailed(str(exc)) from None
     return EXIT_OK
+
+
+def _bench_embedded(args: argparse.Namespace) -> None:
+    """On an embedded server in --data-dir, removed at the end unless --keep; a folder given
+    by the user that held something before is kept whatever happens."""
+    from flespi_receiver.embedded import EmbeddedPostgres
+
+    data_dir: Path = args.data_dir
+    ours = data_dir == DEFAULT_DATA_DIR or not data_dir.exists() or not any(data_dir.iterdir())
+    remove = ours and not args.keep
+    print(
+        f"benchmark database: embedded PostgreSQL in {data_dir.resolve()} "
+        + ("(removed at the end; --keep keeps it)" if remove else "(kept)"),
+        file=sys.stderr,
+    )
+    server = EmbeddedPostgres(data_dir)
+    started = False
+    try:
+        with server as url:
+            started = True
+            asyncio.run(_bench_on(url, args))
+    finally:
+        if remove and started:
+            shutil.rmtree(data_dir, ignore_errors=True)
+            server.owner_file.unlink(missing_ok=True)
+            print(f"removed {data_dir.resolve()}", file=sys.stderr)
 
 
 async def _bench_on(url: str, args: argparse.Namespace) -> None:
