@@ -1,15 +1,14 @@
 """Decoding a batch body into messages that can be stored and messages that must be quarantined.
 
-A batch is decoded on one of two paths. The fast path parses the whole body with orjson and
-proves, by re-encoding it byte for byte, that nothing was lost (no duplicate keys, no numbers
-rounded). Anything else takes the careful path, which splits the array into the exact text of
-each element and judges every element on its own, so one odd message never sinks the batch.
+Every element is judged on its own (judge_element). The fast path splits the body with
+msgspec and stores every element in one go, as long as none must be quarantined; otherwise
+the careful path splits the array itself (json_scan), so that one broken element never sinks
+the others, and keeps the good messages and the rejected content apart.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,11 +17,12 @@ from typing import Any
 import msgspec
 import orjson
 
+from flespi_receiver.json_scan import duplicate_key, key_count, split_array
+
 # a JSON string that PostgreSQL's jsonb refuses
 _NUL_ESCAPE = b"\\u0000"
-# the tokens that matter for finding element boundaries: strings (skipped whole) and brackets
-_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|"|[\[\]{},]', re.DOTALL)
-_WHITESPACE = " \t\n\r"
+# the deepest nesting stored, the message object itself being level 1 (orjson's own limit)
+MAX_DEPTH = 1024
 _ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
 # where compact JSON has one element end and the next begin (or, inside one, a nested one)
 _BOUNDARY = b"},{"
@@ -183,122 +183,97 @@ class ElementSplitter:
 
 
 def exact_messages(elements: Iterable[msgspec.Raw]) -> Iterator[Message]:
-    """Each element as a message, proving on the way that parsing it lost nothing.
+    """Each element as a message, each judged on its own (see judge_element).
 
-    Re-encoding an element must give the very bytes that were sent (so it has no duplicate key
-    and no number that a float would round); raises NotExact otherwise, and for anything that
-    is not an object or holds \\u0000. Lazy, so that the first messages can be on their way
-    to PostgreSQL while later ones are checked.
+    Raises NotExact at the first element that must be quarantined. Lazy, so that the first
+    messages can be on their way to PostgreSQL while later ones are checked.
     """
     for element in elements:
-        text = bytes(element)  # comparing bytes to bytes is much faster than to a memoryview
-        try:
-            data = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            raise NotExact from None
-        if type(data) is not dict:
+        # comparing bytes to bytes is much faster than to a memoryview
+        verdict = judge_element(bytes(element))
+        if isinstance(verdict, Rejected):
             raise NotExact
-        raw = orjson.dumps(data)
-        if raw != text or _NUL_ESCAPE in raw:
-            raise NotExact
-        yield Message(raw, data)
+        yield verdict
 
 
-def _decode_careful(body: bytes) -> DecodedBatch:
-    # surrogateescape keeps undecodable bytes so each element can be judged on its own
-    text = body.decode("utf-8", errors="surrogateescape")
-    elements = split_array(text)
-    if isinstance(elements, str):
-        return DecodedBatch(rejected=[Rejected(body, elements)], body_error=elements)
-    batch = DecodedBatch()
-    for element in elements:
-        raw = element.encode("utf-8", errors="surrogateescape")
-        data, reason = _judge_element(raw)
-        if data is None:
-            batch.rejected.append(Rejected(raw, reason))
-        else:
-            batch.messages.append(Message(raw, data))
-    return batch
+def judge_element(raw: bytes) -> Message | Rejected:
+    """One element of a batch as a message, or why it can't be one.
 
-
-def split_array(text: str) -> list[str] | str:
-    """The exact text of each top-level element of a JSON array, or why it is not one."""
-    start = len(text) - len(text.lstrip(_WHITESPACE))
-    if not text[start:].startswith("["):
-        return "body is not a JSON array" if text.strip(_WHITESPACE) else "body is empty"
-    elements: list[str] = []
-    depth = 0
-    element_start = start + 1
-    for token in _TOKEN.finditer(text, start):
-        kind = token.group()
-        if kind in "[{":
-            depth += 1
-        elif kind in "]}":
-            depth -= 1
-            if depth == 0:
-                _append_element(elements, text[element_start : token.start()], closing=True)
-                if text[token.end() :].strip(_WHITESPACE):
-                    return "body has content after the closing ] of the array"
-                return elements
-            if depth < 0:
-                break
-        elif kind == "," and depth == 1:
-            _append_element(elements, text[element_start : token.start()], closing=False)
-            element_start = token.end()
-        elif kind == '"':
-            break  # a string that never ends
-    return "body is not valid JSON (unbalanced brackets or an unterminated string)"
-
-
-def _append_element(elements: list[str], element: str, *, closing: bool) -> None:
-    stripped = element.strip(_WHITESPACE)
-    # "[]" has no element; "[1,]" ends with an empty one, which is kept and rejected
-    if stripped or not closing or elements:
-        elements.append(stripped)
-
-
-def _judge_element(raw: bytes) -> tuple[dict[str, Any] | None, str]:
-    if not raw:
-        return None, "empty array element"
+    orjson proves it valid JSON (no NaN, no number beyond a double, no lone surrogate, valid
+    UTF-8, nesting up to MAX_DEPTH) and an object. Re-encoding it and comparing with the text
+    sent proves, in C, that no duplicate key was lost; text spelled otherwise (whitespace,
+    escapes, other number spellings) has its keys counted instead, and only nesting too deep
+    for that is read by the slower scanner. PostgreSQL refuses \\u0000, so that is refused too.
+    """
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return None, f"not valid JSON: {exc}"
+        return Rejected(raw, _why_invalid(raw, exc))
     if type(data) is not dict:
-        return None, f"not a JSON object but {_json_type(data)}"
+        return Rejected(raw, f"not a JSON object but {_json_type(data)}")
     try:
-        json.loads(raw, object_pairs_hook=_refuse_duplicate_keys)
-    except _DuplicateKey as exc:
-        return None, f"duplicate key {exc.args[0]!r}"
-    except (ValueError, RecursionError) as exc:
-        return None, f"not valid JSON: {exc}"
+        canonical: bytes | None = orjson.dumps(data)
+    except TypeError:
+        canonical = None  # nested deeper than orjson writes
+    if canonical != raw:
+        duplicate = _duplicate_key(raw, canonical)
+        if duplicate is not None:
+            return Rejected(raw, f"duplicate key {duplicate!r}")
     if _NUL_ESCAPE in raw and _contains_nul(data):
-        return None, "a string or key contains \\u0000, which PostgreSQL cannot store"
-    return data, ""
+        return Rejected(raw, "a string or key contains \\u0000, which PostgreSQL cannot store")
+    return Message(raw, data)
 
 
-class _DuplicateKey(ValueError):
-    pass
+def _duplicate_key(raw: bytes, canonical: bytes | None) -> str | None:
+    """A key `raw` holds twice in one object; `canonical` is its parse re-encoded."""
+    if canonical is not None:
+        try:
+            compact = msgspec.json.format(raw, indent=-1)  # whitespace gone, the rest as sent
+        except RecursionError:
+            compact = None
+        if compact is not None:
+            keys = key_count(compact)
+            if keys is not None and keys == key_count(canonical):
+                return None  # every key that was sent survived the parse
+    return duplicate_key(raw)
 
 
-def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKey(key)
-            seen.add(key)
-    return result
+def _why_invalid(raw: bytes, exc: orjson.JSONDecodeError) -> str:
+    if not raw:
+        return "empty array element"
+    if str(exc).startswith("depth limit exceeded"):
+        return f"nesting deeper than {MAX_DEPTH} levels"
+    return f"not valid JSON: {exc}"
+
+
+def _decode_careful(body: bytes) -> DecodedBatch:
+    elements = split_array(body)
+    if isinstance(elements, str):
+        return DecodedBatch(rejected=[Rejected(body, elements)], body_error=elements)
+    batch = DecodedBatch()
+    for raw in elements:
+        verdict = judge_element(raw)
+        if isinstance(verdict, Rejected):
+            batch.rejected.append(verdict)
+        else:
+            batch.messages.append(verdict)
+    return batch
 
 
 def _contains_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any("\x00" in k or _contains_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_contains_nul(v) for v in value)
+    # a stack, not recursion: nesting as deep as MAX_DEPTH must not exhaust Python's
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if type(item) is str:
+            if "\x00" in item:
+                return True
+        elif type(item) is dict:
+            if any("\x00" in key for key in item):
+                return True
+            pending.extend(item.values())
+        elif type(item) is list:
+            pending.extend(item)
     return False
 
 
