@@ -52,7 +52,7 @@ def encode_row(stream_field: bytes, message: Message) -> bytes:
     """One row, in the order of MESSAGE_COLUMNS: stream, derived columns, payload, identity,
     partition time."""
     ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts = columns(
-        message.data
+        message.data, message.raw
     )
     if None in (ts, server_ts, channel_id, device_id, latitude, longitude):
         fixed = b"".join(

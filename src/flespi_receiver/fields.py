@@ -8,6 +8,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from flespi_receiver.json_scan import integer_digits, top_level_value
+
 # The columns of messages a batch fills, in the order rows are written (id and received_at
 # come from the database).
 MESSAGE_COLUMNS = (
@@ -93,7 +95,16 @@ def coordinate(value: Any, limit: float) -> float | None:
     return float(number)
 
 
-def columns(data: dict[str, Any]) -> tuple[Any, ...]:
+def ident_text(data: dict[str, Any], raw: bytes) -> str | None:
+    """`ident` as text: a string as is, an integer as its digits, whatever its size (orjson
+    reads an integer beyond 64 bits as a float: its digits are then taken from the text)."""
+    value = data.get("ident")
+    if type(value) is float:
+        return integer_digits(top_level_value(raw, "ident"))
+    return text_of(value)
+
+
+def columns(data: dict[str, Any], raw: bytes) -> tuple[Any, ...]:
     """The derived columns of a message, in the order of MESSAGE_COLUMNS without stream,
     payload and message_hash: ident, ts, server_ts, channel_id, device_id, latitude,
     longitude, and last partition_ts (ts, else server_ts, else NO_TIME)."""
@@ -101,7 +112,7 @@ def columns(data: dict[str, Any]) -> tuple[Any, ...]:
     ts = epoch_seconds(get("timestamp"))
     server_ts = epoch_seconds(get("server.timestamp"))
     return (
-        text_of(get("ident")),
+        ident_text(data, raw),
         ts,
         server_ts,
         bigint(get("channel.id")),

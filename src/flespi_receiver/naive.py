@@ -33,7 +33,8 @@ async def serve(dsn: str, port: int, table: str) -> None:
         rows = []
         for message in messages:
             payload = json.dumps(message)
-            rows.append(("main", *columns(message), payload, identity_of(payload.encode())))
+            raw = payload.encode()
+            rows.append(("main", *columns(message, raw), payload, identity_of(raw)))
         async with pool.acquire() as conn, conn.transaction():
             await conn.executemany(insert, rows)
         return web.Response(text="OK")

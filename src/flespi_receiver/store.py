@@ -71,7 +71,7 @@ class StoreResult:
 def _record(stream: str, message: Message) -> tuple[Any, ...]:
     """The row as INSERT_MESSAGES takes it (times as exact datetimes, like the COPY rows)."""
     ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts = columns(
-        message.data
+        message.data, message.raw
     )
     return (
         stream,
@@ -198,7 +198,9 @@ async def _store_messages(
         by_identity.setdefault(message.identity, message)
     if not by_identity:
         return 0
-    keys = [(as_datetime(columns(m.data)[-1]), identity) for identity, m in by_identity.items()]
+    keys = [
+        (as_datetime(columns(m.data, m.raw)[-1]), identity) for identity, m in by_identity.items()
+    ]
     found = await conn.fetch(EXISTING_MESSAGES, stream, *map(list, zip(*keys, strict=True)))
     existing = {row[0] for row in found}
     # arrival order, so that ids increase in the order flespi sent the messages
