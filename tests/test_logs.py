@@ -54,7 +54,7 @@ async def test_a_bug_is_a_500_with_one_batch_line_and_a_count(
     async def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug in the receiver")
 
-    monkeypatch.setattr(ingest, "store_batch", broken)
+    monkeypatch.setattr(ingest, "store_pooled", broken)
     client = await receiver()
     with capture_logs() as logs:
         reply = await client.post("/flespi", data=orjson.dumps([flespi_message(1)]), headers=AUTH)

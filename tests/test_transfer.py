@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from flespi_receiver.ingest import STREAMED_BODY
 
 from conftest import Client, ClientFactory
-from helpers import AUTH, TOKEN, count, flespi_message
+from helpers import AUTH, TOKEN, count, flespi_message, reply_on, send_partial_body
 
 SMALL = orjson.dumps([{"ident": "a"}, {"ident": "b"}])
 LARGE = orjson.dumps([flespi_message(i) for i in range(400)])
@@ -195,3 +195,19 @@ async def test_expect_100_continue_then_the_body_is_stored(
     finally:
         raw.close()
     assert await count(db) == 2
+
+
+async def test_a_slow_body_is_bound_by_body_timeout_not_command_timeout(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    # a large body is stored while it arrives; the pause is longer than command_timeout, but
+    # the time a body may take to arrive is body_timeout, whatever the database does meanwhile
+    client = await receiver(extra="body_timeout = 10", database="command_timeout = 0.5")
+    body = orjson.dumps([flespi_message(i) for i in range(200)])
+    assert len(body) > STREAMED_BODY
+    raw = await asyncio.to_thread(send_partial_body, client.port, len(body), body[:60_000])
+    await asyncio.sleep(1.5)
+    raw.sendall(body[60_000:])
+    answer = await reply_on(raw)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert await count(db) == 200

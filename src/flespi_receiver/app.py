@@ -11,12 +11,23 @@ import structlog
 from aiohttp import web
 
 from flespi_receiver.config import Settings, mask_url
+from flespi_receiver.failures import DatabaseHealth
 from flespi_receiver.health import add_health_routes
 from flespi_receiver.ingest import AccessPolicy, Limits, StreamEndpoint, error_response
 from flespi_receiver.metrics import Metrics
 from flespi_receiver.network import FailureLimiter
 from flespi_receiver.partitions import maintain
-from flespi_receiver.state import ACCEPTING, ENDPOINTS, METRICS, POOL, SCHEMA
+from flespi_receiver.pooled import PoolLimits
+from flespi_receiver.state import (
+    ACCEPTING,
+    DATABASE_HEALTH,
+    ENDPOINTS,
+    IN_FLIGHT,
+    METRICS,
+    POOL,
+    SCHEMA,
+    InFlight,
+)
 
 log = structlog.get_logger("flespi_receiver.app")
 
@@ -123,10 +134,14 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app[ACCEPTING] = asyncio.Event()
     app[ACCEPTING].set()
     app[SCHEMA] = settings.database.schema_name
+    app[DATABASE_HEALTH] = DatabaseHealth()
+    app[IN_FLIGHT] = InFlight()
     add_health_routes(app)
     app.cleanup_ctx.append(pool_context(settings, dsn))
     app.cleanup_ctx.append(partition_upkeep(settings))
     limits = Limits(settings.server.max_body_size, settings.server.body_timeout)
+    db = settings.database
+    pool_limits = PoolLimits(db.acquire_timeout, db.command_timeout)
     app[METRICS] = metrics = Metrics()
     server = settings.server
     access = AccessPolicy(
@@ -138,9 +153,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     for stream in settings.streams:
         if not stream.authorization:
             log.warning("stream accepts anonymous batches", stream=stream.name, path=stream.path)
-        endpoint = StreamEndpoint(
-            stream, limits, settings.database.acquire_timeout, access, metrics
-        )
+        endpoint = StreamEndpoint(stream, limits, pool_limits, access, metrics)
         app[ENDPOINTS][stream.name] = endpoint
         app.router.add_post(stream.path, endpoint.handle, expect_handler=defer_expect)
     if settings.metrics.enabled and not settings.metrics.port:

@@ -7,7 +7,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import asyncpg
 import orjson
 import structlog
 from aiohttp import web
@@ -16,10 +15,12 @@ from pydantic import BaseModel
 from flespi_receiver.body import BodyReader, content_coding
 from flespi_receiver.config import StreamSettings
 from flespi_receiver.errors import BatchRejected, BodyIncomplete, BodyTimeout, BodyTooLarge
+from flespi_receiver.failures import DatabaseState, database_kind
 from flespi_receiver.metrics import Metrics
 from flespi_receiver.network import Address, FailureLimiter, Network, allowed, client_address
-from flespi_receiver.state import ACCEPTING, POOL
-from flespi_receiver.store import StoreResult, store_batch
+from flespi_receiver.pooled import PoolLimits, store_pooled
+from flespi_receiver.state import ACCEPTING, DATABASE_HEALTH, IN_FLIGHT, POOL
+from flespi_receiver.store import StoreResult
 
 log = structlog.get_logger("flespi_receiver.ingest")
 
@@ -27,17 +28,6 @@ RETRY_AFTER_SECONDS = "5"
 BUG = "internal error; the batch was not stored"
 # Bodies declared larger than this are stored while they arrive (a 1000-message batch is ~1 MB)
 STREAMED_BODY = 64 * 1024
-DEADLOCK_ATTEMPTS = 3
-# Failures that mean "PostgreSQL is not there right now"; flespi retries the batch later
-DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InsufficientResourcesError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.TransactionRollbackError,
-)
 
 
 class BatchReply(BaseModel):
@@ -102,12 +92,12 @@ class StreamEndpoint:
         self,
         stream: StreamSettings,
         limits: Limits,
-        acquire_timeout: float,
+        pool_limits: PoolLimits,
         access: AccessPolicy,
         metrics: Metrics,
     ) -> None:
         self.limits = limits
-        self.acquire_timeout = acquire_timeout
+        self.pool_limits = pool_limits
         self.access = access
         self.metrics = metrics
         self.reload(stream)
@@ -127,7 +117,10 @@ class StreamEndpoint:
         bound = log.bind(stream=stream.name, request_id=request_id, client=str(client))
         failure: Exception | None = None
         try:
-            response, result, size = await self._answer(request, stream, credentials, client, bound)
+            with request.app[IN_FLIGHT]:
+                response, result, size = await self._answer(
+                    request, stream, credentials, client, bound
+                )
         except Exception as exc:  # a bug: still one reply, one log line, one count
             failure = exc
             response, result, size = error_response(500, BUG), None, 0
@@ -207,7 +200,7 @@ class StreamEndpoint:
             # a large body is stored as it arrives; a small one is read whole first
             large = (request.content_length or 0) > STREAMED_BODY
             body = reader if large else await reader.read_all()
-            response, result = await self._store(request.app[POOL], stream, body, bound)
+            response, result = await self._store(request, stream, body, bound)
         except BodyTimeout:
             reply = error_response(408, f"body not received within {self.limits.body_timeout}s")
             return _broken(reply), None, reader.received
@@ -237,22 +230,39 @@ class StreamEndpoint:
 
     async def _store(
         self,
-        pool: asyncpg.Pool,
+        request: web.Request,
         stream: StreamSettings,
         body: bytes | BodyReader,
         bound: structlog.typing.FilteringBoundLogger,
     ) -> tuple[web.Response, StoreResult | None]:
         quarantine = stream.on_invalid == "quarantine"
+        pool, health = request.app[POOL], request.app[DATABASE_HEALTH]
         try:
-            result = await self._store_retrying_deadlocks(pool, stream.name, body, quarantine)
+            result = await store_pooled(
+                pool, stream.name, body, self.pool_limits, quarantine=quarantine
+            )
         except BatchRejected as exc:
             return error_response(400 if exc.whole_body else 422, str(exc)), None
-        except DATABASE_UNAVAILABLE as exc:
-            self.metrics.database_errors.labels(stream.name, type(exc).__name__).inc()
-            bound.warning("database unavailable", error=f"{type(exc).__name__}: {exc}")
-            return error_response(
-                503, "database unavailable, retry later", **{"Retry-After": RETRY_AFTER_SECONDS}
-            ), None
+        except Exception as exc:
+            kind = database_kind(exc)
+            cause = exc.cause if isinstance(exc, DatabaseState) else exc
+            if kind is None:
+                raise  # the body's own errors, or a bug
+            self.metrics.database_errors.labels(stream.name, kind).inc()
+            health.failed(kind)
+            bound.warning(
+                "database unavailable",
+                kind=kind,
+                sqlstate=getattr(cause, "sqlstate", None),
+                error=f"{type(cause).__name__}: {cause}",
+            )
+            refusal = error_response(
+                503,
+                f"database unavailable ({kind}), retry later",
+                **{"Retry-After": RETRY_AFTER_SECONDS},
+            )
+            return refusal, None
+        health.stored()
         self.metrics.batch_stored(
             stream.name, result.messages, result.stored, result.duplicates, result.rejected
         )
@@ -260,19 +270,3 @@ class StreamEndpoint:
             stored=result.stored, duplicates=result.duplicates, rejected=result.rejected
         )
         return json_response(200, reply.model_dump()), result
-
-    async def _store_retrying_deadlocks(
-        self, pool: asyncpg.Pool, stream: str, body: bytes | BodyReader, quarantine: bool
-    ) -> StoreResult:
-        # two receivers storing overlapping batches in different orders can deadlock; PostgreSQL
-        # then aborts one of them, which simply tries again
-        for attempt in range(DEADLOCK_ATTEMPTS):
-            try:
-                async with pool.acquire(timeout=self.acquire_timeout) as conn:
-                    return await store_batch(conn, stream, body, quarantine=quarantine)
-            except asyncpg.TransactionRollbackError:
-                if attempt == DEADLOCK_ATTEMPTS - 1:
-                    raise
-                if isinstance(body, BodyReader):
-                    body = await body.read_all()  # the next attempt starts from the beginning
-        raise AssertionError("unreachable")

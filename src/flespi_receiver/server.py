@@ -14,10 +14,12 @@ from flespi_receiver.app import create_app, create_metrics_app
 from flespi_receiver.config import ServerSettings, Settings, load_settings, mask_url
 from flespi_receiver.config_diff import settings_needing_restart
 from flespi_receiver.errors import ConfigError
-from flespi_receiver.state import ACCEPTING, ENDPOINTS, METRICS
+from flespi_receiver.state import ACCEPTING, ENDPOINTS, IN_FLIGHT, METRICS
 
 log = structlog.get_logger("flespi_receiver.server")
 
+# seconds aiohttp gives what is left after the drain (requests that outlived shutdown_timeout)
+AFTER_DRAIN = 1.0
 # keys a SIGHUP can change; anything else needs a restart
 RELOADABLE = "streams[].authorization, streams[].allowed_networks, server.tls_cert/tls_key"
 
@@ -58,15 +60,16 @@ def reload(
 
 
 async def serve_app(settings: Settings, dsn: str, config: Path) -> None:
-    """Serve until SIGTERM or SIGINT, then finish the batches in flight and stop."""
+    """Serve until SIGTERM or SIGINT, then finish the batches in flight and stop.
+
+    The drain: the listener closes first (new connections are refused, so a proxy moves them
+    to another replica); requests still arriving on open keep-alive connections get 503 with
+    Retry-After and Connection: close; batches in flight, bodies still arriving included,
+    are read to the end and answered, for up to server.shutdown_timeout seconds.
+    """
     app = create_app(settings, dsn)
     runners = [
-        web.AppRunner(
-            app,
-            handle_signals=False,
-            access_log=None,
-            shutdown_timeout=settings.server.shutdown_timeout,
-        )
+        web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=AFTER_DRAIN)
     ]
     context = tls_context(settings.server)
     stop = asyncio.Event()
@@ -99,8 +102,16 @@ async def serve_app(settings: Settings, dsn: str, config: Path) -> None:
             database=mask_url(dsn),
         )
         await stop.wait()
-        log.info("shutting down: finishing batches in flight")
         app[ACCEPTING].clear()
+        # aiohttp's own shutdown stops reading open connections at once, which would leave a
+        # body that is still arriving unread: the batches in flight are finished first
+        await site.stop()
+        log.info("shutting down: finishing batches in flight", in_flight=app[IN_FLIGHT].count)
+        if not await app[IN_FLIGHT].wait_idle(settings.server.shutdown_timeout):
+            log.warning(
+                "shutdown_timeout passed with batches in flight; they are dropped unanswered",
+                in_flight=app[IN_FLIGHT].count,
+            )
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)

@@ -12,6 +12,7 @@ from asyncpg.pool import PoolConnectionProxy
 from flespi_receiver.body import BodyReader
 from flespi_receiver.copy_format import HEADER, TRAILER, copy_chunks, row_chunks, stream_field
 from flespi_receiver.errors import BatchRejected
+from flespi_receiver.failures import DatabaseState, shared_kind, state_kind
 from flespi_receiver.fields import MESSAGE_COLUMNS, as_datetime, columns
 from flespi_receiver.messages import (
     ElementSplitter,
@@ -52,12 +53,12 @@ SELECT $1, * FROM unnest($2::bytea[], $3::text[], $4::bytea[])
 ON CONFLICT (stream, raw_hash) DO NOTHING
 """
 
+QUARANTINED = """
+SELECT raw_hash FROM rejected_messages WHERE stream = $1 AND raw_hash = ANY($2::bytea[])
+"""
+
 # Up to this many messages, one INSERT statement beats COPY in a transaction.
 SMALL_BATCH = 50
-
-# SQLSTATE classes meaning "this message can't be stored": data exception, integrity constraint
-# (a CHECK or trigger a user added), program limit exceeded (e.g. nesting too deep)
-_REFUSED_VALUE_CLASSES = ("22", "23", "54")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,16 +90,25 @@ def _record(stream: str, message: Message) -> tuple[Any, ...]:
 
 
 async def store_batch(
-    conn: Connection, stream: str, body: bytes | BodyReader, *, quarantine: bool = True
+    conn: Connection,
+    stream: str,
+    body: bytes | BodyReader,
+    *,
+    quarantine: bool = True,
+    command_timeout: float | None = None,
 ) -> StoreResult:
     """Decode and store a batch body in one transaction; on return it is committed.
 
     A body still arriving (a BodyReader) is stored as it arrives when it can be; otherwise
-    it is read whole first. With `quarantine` off, content that can't be stored raises
-    BatchRejected and nothing is kept.
+    it is read whole first. That COPY may take the time left for the body to arrive plus
+    `command_timeout` seconds (None: the connection's own limit) for PostgreSQL's work.
+    With `quarantine` off, content that can't be stored raises BatchRejected and nothing is
+    kept. A failure that is the database's state (see failures.py) raises: DatabaseState,
+    or asyncpg's own exception.
     """
     if isinstance(body, BodyReader):
-        streamed = await _copy_optimistically(conn, _streamed_rows(stream, body))
+        limit = None if command_timeout is None else body.remaining() + command_timeout
+        streamed = await _copy_optimistically(conn, _streamed_rows(stream, body), limit)
         if streamed is not None:
             return StoreResult(messages=streamed, stored=streamed, duplicates=0, rejected=0)
         body = await body.read_all()
@@ -148,7 +158,9 @@ async def _store_optimistically(conn: Connection, stream: str, body: bytes) -> S
     )
 
 
-async def _copy_optimistically(conn: Connection, copy_data: AsyncIterator[bytes]) -> int | None:
+async def _copy_optimistically(
+    conn: Connection, copy_data: AsyncIterator[bytes], limit: float | None = None
+) -> int | None:
     """The common case, in one COPY: every message is new, valid and exactly re-encodable.
 
     Messages are checked and encoded while the first ones are already on their way to
@@ -158,7 +170,7 @@ async def _copy_optimistically(conn: Connection, copy_data: AsyncIterator[bytes]
 
     async def copy() -> int:
         async with conn.transaction():
-            return await _copy(conn, copy_data)
+            return await _copy(conn, copy_data, limit)
 
     return await _unless_careful(copy())
 
@@ -184,8 +196,9 @@ async def _unless_careful(attempt: Coroutine[Any, Any, int]) -> int | None:
     except NotExact:
         return None
     except asyncpg.PostgresError as exc:
-        # a message stored before (a re-sent batch) or a value PostgreSQL refuses
-        if not _is_refused_value(exc):
+        # a message stored before (a re-sent batch), a message PostgreSQL refuses, or a state
+        # only the careful path, message by message, tells apart from content
+        if state_kind(exc) is not None:
             raise
         return None
 
@@ -227,13 +240,18 @@ async def _store_messages(
     stored = await _unless_careful(insert())
     if stored is not None:
         return stored
-    return await _insert_one_by_one(conn, records, fresh, rejected)
+    return await _insert_one_by_one(conn, stream, records, fresh, rejected)
 
 
-async def _copy(conn: Connection, copy_data: AsyncIterator[bytes]) -> int:
-    """COPY into messages; returns the number of rows stored, from PostgreSQL's "COPY n"."""
+async def _copy(
+    conn: Connection, copy_data: AsyncIterator[bytes], limit: float | None = None
+) -> int:
+    """COPY into messages; returns the number of rows stored, from PostgreSQL's "COPY n".
+
+    `limit`: seconds for the whole COPY, source included; None: the connection's default.
+    """
     status = await conn.copy_to_table(
-        "messages", source=copy_data, columns=MESSAGE_COLUMNS, format="binary"
+        "messages", source=copy_data, columns=MESSAGE_COLUMNS, format="binary", timeout=limit
     )
     return int(status.rsplit(" ", 1)[1])
 
@@ -252,25 +270,45 @@ async def _insert_skipping_conflicts(conn: Connection, records: list[tuple[Any, 
 
 async def _insert_one_by_one(
     conn: Connection,
+    stream: str,
     records: list[tuple[Any, ...]],
     fresh: list[tuple[bytes, Message]],
     rejected: list[Rejected],
 ) -> int:
-    """PostgreSQL refused a value somewhere in the batch: find it, keep the rest."""
+    """PostgreSQL refused something in the batch: find which messages, keep the rest.
+
+    A message that fails while another one stores is refused content. When none stores,
+    the error's class decides between content and the database's state (failures.py),
+    unless the message was quarantined before.
+    """
     stored = 0
+    succeeded = 0
+    failed: list[tuple[Message, asyncpg.PostgresError]] = []
     for record, (_, message) in zip(records, fresh, strict=True):
         try:
             async with conn.transaction():
                 stored += await _insert_skipping_conflicts(conn, [record])
+            succeeded += 1
         except asyncpg.PostgresError as exc:
-            if not _is_refused_value(exc):
+            if state_kind(exc) is not None:
                 raise
-            rejected.append(Rejected(message.raw, f"PostgreSQL refused it: {exc}"))
+            failed.append((message, exc))
+    if failed and not succeeded:
+        # a resent batch: what was quarantined before gets the same answer
+        known = await _quarantined(conn, stream, [m.raw for m, _ in failed])
+        for message, error in failed:
+            kind = shared_kind(error)
+            if kind is not None and identity_of(message.raw) not in known:
+                raise DatabaseState(kind, error) from error
+    rejected.extend(Rejected(m.raw, f"PostgreSQL refused it: {error}") for m, error in failed)
     return stored
 
 
-def _is_refused_value(exc: asyncpg.PostgresError) -> bool:
-    return str(exc.sqlstate or "").startswith(_REFUSED_VALUE_CLASSES)
+async def _quarantined(conn: Connection, stream: str, raws: list[bytes]) -> set[bytes]:
+    """Identities of those of `raws` the stream's rejected_messages holds already."""
+    hashes = [identity_of(raw) for raw in raws]
+    found = await conn.fetch(QUARANTINED, stream, hashes)
+    return {row[0] for row in found}
 
 
 async def _store_rejected(conn: Connection, stream: str, rejected: Iterable[Rejected]) -> None:

@@ -1,0 +1,79 @@
+"""SIGTERM: the listener closes, keep-alive requests get 503, a body still arriving is finished."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from pathlib import Path
+
+import asyncpg
+import orjson
+
+from flespi_receiver.embedded import free_port
+
+from helpers import (
+    TOKEN,
+    config_file,
+    count,
+    flespi_message,
+    log_events,
+    receiver_process,
+    wait_until_serving,
+)
+
+
+def request_head(length: int) -> bytes:
+    return (
+        b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: " + TOKEN.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: " + str(length).encode() + b"\r\n\r\n"
+    )
+
+
+async def receive(raw: socket.socket) -> bytes:
+    raw.settimeout(10)
+    return await asyncio.to_thread(raw.recv, 65536)
+
+
+async def test_sigterm_finishes_a_body_still_arriving_and_turns_new_requests_away(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    port = free_port()
+    config = config_file(tmp_path, database_url, port)
+    arriving = orjson.dumps([flespi_message(i) for i in range(3)])
+    other = orjson.dumps([flespi_message(10)])
+    with receiver_process(config) as process:
+        await wait_until_serving(port, process)
+        slow = socket.create_connection(("127.0.0.1", port))
+        idle = socket.create_connection(("127.0.0.1", port))
+        try:
+            slow.sendall(request_head(len(arriving)) + arriving[:40])
+            idle.sendall(request_head(len(other)) + other)
+            assert (await receive(idle)).startswith(b"HTTP/1.1 200")  # now idle, kept alive
+            await asyncio.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            # a request on the open keep-alive connection: 503, and the connection is closed
+            idle.sendall(request_head(len(other)) + other)
+            refused = await receive(idle)
+            assert refused.startswith(b"HTTP/1.1 503"), refused
+            assert b"Retry-After: " in refused
+            assert b"Connection: close" in refused
+            # a new connection: the listener is closed
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                raise AssertionError("a new connection was accepted during the drain")
+            except ConnectionRefusedError:
+                pass
+            # the body that was arriving is read to its end and answered
+            slow.sendall(arriving[40:])
+            answer = await receive(slow)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            assert b'"stored":3' in answer
+        finally:
+            slow.close()
+            idle.close()
+        assert await asyncio.to_thread(process.wait, 20) == 0
+    assert await count(db) == 4
+    batches = [e for e in log_events(config) if e["event"] == "batch"]
+    assert sorted(e["status"] for e in batches) == [200, 200, 503]
