@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
+import pty
+import struct
 import subprocess
+import termios
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -33,7 +39,7 @@ async def test_emulate_delivers_every_message_once(
     receiver: ClientFactory, db: asyncpg.Connection
 ) -> None:
     client = await receiver()
-    returncode, stdout, _ = await emulate(
+    returncode, stdout, stderr = await emulate(
         client,
         "--count",
         "250",
@@ -46,6 +52,7 @@ async def test_emulate_delivers_every_message_once(
         "--gzip",
     )
     assert returncode == 0
+    assert stderr == b""  # piped: no progress bar, only the summary on stdout
     summary = orjson.loads(stdout)
     assert summary["messages"] == 250
     assert summary["statuses"] == {"200": summary["posts"]}
@@ -129,3 +136,66 @@ async def test_emulate_stops_when_nothing_listens() -> None:
     assert process.returncode == 1
     assert f"cannot connect to {url}".encode() in stderr
     assert b"Traceback" not in stderr
+
+
+async def test_emulate_shows_progress_on_a_terminal(receiver: ClientFactory) -> None:
+    client = await receiver()
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 120 columns
+
+    def read_terminal() -> bytes:
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the process closed its end
+                return shown
+            if not chunk:
+                return shown
+            shown += chunk
+
+    try:
+        process = await asyncio.create_subprocess_exec(
+            str(SCRIPT),
+            "emulate",
+            str(client.make_url("/flespi")),
+            "--count",
+            "200",
+            "--batch-size",
+            "20",
+            "--authorization",
+            TOKEN,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            env={**os.environ, "TQDM_MININTERVAL": "0"},  # draw every update, however fast
+        )
+        os.close(terminal)  # the process holds the terminal now; read it while it runs
+        reading = asyncio.create_task(asyncio.to_thread(read_terminal))
+        stdout, _ = await process.communicate()
+        shown = await asyncio.wait_for(reading, 30)
+    finally:
+        os.close(controller)
+    assert process.returncode == 0
+    assert orjson.loads(stdout)["stored"] == 200  # stdout stays machine-readable
+    assert b"200/200" in shown
+    assert b"msg/s" in shown
+    assert b"stored 200, duplicates 0, rejected 0" in shown, shown.decode(errors="replace")
+
+
+def test_bench_says_where_its_data_is_and_removes_it(tmp_path: Path) -> None:
+    data_dir = tmp_path / "bench-postgres"
+    result = subprocess.run(
+        [
+            *(str(SCRIPT), "bench", "--data-dir", str(data_dir)),
+            *("--count", "200", "--batch-size", "100", "--rounds", "1"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"embedded PostgreSQL in {data_dir}" in result.stderr
+    assert "--keep keeps it" in result.stderr
+    assert not data_dir.exists()
+    assert "receiver/COPY" in result.stdout

@@ -98,12 +98,12 @@ async def _emulate(args: argparse.Namespace) -> int:
     if start_time is None:
         start_time = int(time.time()) - args.count
     messages = encode_messages(sample_messages(args.count, seed=args.seed, start_time=start_time))
-    with progress_bar(len(messages), "msg", f"emulate -> {args.url}") as bar:
+    with progress_bar(len(messages), "msg", "emulate") as bar:
 
         def on_batch(new: int, stats: EmulatorStats) -> None:
             bar.update(new)
-            bar.set_postfix(
-                stored=stats.stored, duplicates=stats.duplicates, rejected=stats.rejected
+            bar.set_postfix_str(
+                f"stored {stats.stored}, duplicates {stats.duplicates}, rejected {stats.rejected}"
             )
 
         emulator = StreamEmulator(
