@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from flespi_receiver.embedded import free_port
 from flespi_receiver.ingest import STREAMED_BODY
-from flespi_receiver.messages import ElementSplitter, NotExact, split_elements
+from flespi_receiver.splitter import ElementSplitter, NotExact, split_elements
 
 from conftest import Client, ClientFactory
 from helpers import (

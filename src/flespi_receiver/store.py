@@ -15,15 +15,13 @@ from flespi_receiver.errors import BatchRejected
 from flespi_receiver.failures import DatabaseState, shared_kind, state_kind
 from flespi_receiver.fields import MESSAGE_COLUMNS, as_datetime, columns
 from flespi_receiver.messages import (
-    ElementSplitter,
     Message,
-    NotExact,
     Rejected,
     decode_batch,
     exact_messages,
     identity_of,
-    split_elements,
 )
+from flespi_receiver.splitter import ElementSplitter, NotExact, split_elements
 
 # a plain connection or one borrowed from the pool
 Connection = asyncpg.Connection | PoolConnectionProxy
