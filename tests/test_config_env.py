@@ -72,7 +72,9 @@ def check_config(path: Path, **env: str) -> subprocess.CompletedProcess[str]:
         (
             "FLESPI_RECEIVER_STREAMS",
             '{"name": "a"}',
-            "environment variable FLESPI_RECEIVER_STREAMS: expected a JSON list",
+            "environment variable FLESPI_RECEIVER_STREAMS: expected a JSON list, like "
+            '[{"name": "main", "path": "/flespi", "authorization": ["Bearer <token>"]}]; got '
+            "an object",
         ),
     ],
     ids=[

@@ -88,6 +88,9 @@ def owner(embedded: Embedded) -> Iterator[subprocess.Popen[bytes]]:
     """`flespi-receiver serve` owning the embedded server."""
     with receiver_process(embedded.config) as process:
         yield process
+        if process.poll() is None:  # stopped as a user stops it: it stops its server too
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
     server = EmbeddedPostgres(embedded.data_dir)
     if server.postmaster() is not None:  # the owner was killed: clean up as the next one would
         server.start()
@@ -140,6 +143,12 @@ async def test_a_killed_owners_server_is_cleaned_up_by_the_next(
     result = await asyncio.to_thread(cli, embedded, "migrate")
     assert result.returncode == 0, result.stderr
     assert server.postmaster() is None, "the next owner stopped the stale server, then its own"
+    # with no server running, psql starts one for its session
+    result = await asyncio.to_thread(
+        cli, embedded, "psql", "-At", "-c", "SELECT 1", "-c", "SHOW search_path"
+    )
+    assert (result.returncode, result.stdout.split()) == (0, ["1", "flespi,public"])
+    assert server.postmaster() is None
 
 
 async def test_a_receiver_starts_its_stopped_server_again(
@@ -168,11 +177,3 @@ def test_db_url_says_when_the_embedded_server_is_not_running(embedded: Embedded)
     assert result.returncode == 1
     assert "is not running: start the receiver" in result.stderr
     assert result.stdout == ""
-
-
-def test_psql_starts_the_embedded_server_for_its_session(embedded: Embedded) -> None:
-    migrated = cli(embedded, "migrate")
-    assert migrated.returncode == 0, migrated.stderr
-    result = cli(embedded, "psql", "-At", "-c", "SELECT 1", "-c", "SHOW search_path")
-    assert (result.returncode, result.stdout.split()) == (0, ["1", "flespi,public"])
-    assert EmbeddedPostgres(embedded.data_dir).postmaster() is None

@@ -65,9 +65,10 @@ def _json(variable: str, key: str, value: str, annotation: Any) -> Any:
             f"environment variable {variable}: expected {expected}{like}; not valid JSON ({exc})"
         ) from None
     if not isinstance(parsed, dict if _is_model(annotation) else list):
-        raise ConfigError(
-            f"environment variable {variable}: expected {expected}{like}; got {value!r}"
-        )
+        # the value itself is not repeated: it may hold a secret
+        kinds: dict[type, str] = {dict: "an object", list: "a list", str: "a string"}
+        got = kinds.get(type(parsed), "a value")
+        raise ConfigError(f"environment variable {variable}: expected {expected}{like}; got {got}")
     return parsed
 
 
