@@ -1,12 +1,18 @@
 """The known fields of a message as column values: best effort, never an error.
 
-A value that does not fit its column gives None (NULL); the message keeps it in payload.
+KnownFields, a pydantic TypedDict, is the one place that says which fields the receiver reads,
+their types and ranges. A value that does not fit its column gives None (NULL); the message
+keeps it in payload.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import ConfigDict, Field, GetCoreSchemaHandler, Strict, TypeAdapter, with_config
+from pydantic_core import core_schema
+from typing_extensions import TypedDict
 
 from flespi_receiver.json_scan import integer_digits, top_level_value
 
@@ -34,21 +40,6 @@ _MAX_EPOCH = 253402300799
 _INT64 = 2**63
 
 
-def _number(value: Any) -> float | None:
-    if type(value) is int or type(value) is float:
-        return value
-    return None
-
-
-def text_of(value: Any) -> str | None:
-    """A string as is, an integer as its digits; anything else has no text form."""
-    if type(value) is str:
-        return value
-    if type(value) is int:
-        return str(value)
-    return None
-
-
 # 2000-01-01 UTC, where PostgreSQL counts its timestamps from, in Unix seconds
 POSTGRES_EPOCH = 946684800
 _POSTGRES_EPOCH_DATETIME = datetime(2000, 1, 1, tzinfo=UTC)
@@ -71,53 +62,69 @@ def as_datetime(seconds: float | None) -> datetime | None:
     return _POSTGRES_EPOCH_DATETIME + timedelta(microseconds=postgres_usecs(seconds))
 
 
-def epoch_seconds(value: Any) -> float | None:
-    """Seconds since the Unix epoch, when they fall in 1900 .. 9999."""
-    number = _number(value)
-    if number is None or not _MIN_EPOCH <= number <= _MAX_EPOCH:
-        return None
-    return number
+class _NullIfInvalid:
+    """A value that fails its type or range is None (NULL in its column), never an error."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.with_default_schema(handler(source), default=None, on_error="default")
 
 
-def bigint(value: Any) -> int | None:
-    number = _number(value)
-    if number is None or number != number or not -_INT64 <= number < _INT64:
-        return None
-    if type(number) is float and not number.is_integer():
-        return None
-    return int(number)
+# a number of seconds since the Unix epoch, in 1900 .. 9999 (absurd for a device clock outside)
+_Epoch = Annotated[float, Strict(), Field(ge=_MIN_EPOCH, le=_MAX_EPOCH, allow_inf_nan=False)]
+# a bigint: an integer, or a float with no fraction, that fits 64 bits
+_Bigint = (
+    Annotated[int, Strict(), Field(ge=-_INT64, lt=_INT64)]
+    | Annotated[float, Strict(), Field(ge=-_INT64, lt=_INT64, multiple_of=1.0)]
+)
+# a string as is, an integer as its digits; a float only when it is an integer too big for
+# orjson's 64 bits, whose digits are then read from the text (columns)
+_Ident = Annotated[str, Strict()] | Annotated[int, Strict()] | Annotated[float, Strict()]
 
 
-def coordinate(value: Any, limit: float) -> float | None:
-    number = _number(value)
-    if number is None or not -limit <= number <= limit:
-        return None
-    return float(number)
+_Latitude = Annotated[float, Strict(), Field(ge=-90.0, le=90.0, allow_inf_nan=False)]
+_Longitude = Annotated[float, Strict(), Field(ge=-180.0, le=180.0, allow_inf_nan=False)]
 
 
-def ident_text(data: dict[str, Any], raw: bytes) -> str | None:
-    """`ident` as text: a string as is, an integer as its digits, whatever its size (orjson
-    reads an integer beyond 64 bits as a float: its digits are then taken from the text)."""
-    value = data.get("ident")
-    if type(value) is float:
-        return integer_digits(top_level_value(raw, "ident"))
-    return text_of(value)
+@with_config(ConfigDict(extra="ignore"))
+class KnownFields(TypedDict, total=False):
+    """The fields of a flespi message the receiver understands, by their flespi names, with
+    the type and range each column takes; anything else there is NULL (the message keeps it
+    in payload), and every other parameter is left to payload and the typed columns."""
+
+    ident: Annotated[_Ident | None, _NullIfInvalid(), Field(alias="ident")]
+    ts: Annotated[_Epoch | None, _NullIfInvalid(), Field(alias="timestamp")]
+    server_ts: Annotated[_Epoch | None, _NullIfInvalid(), Field(alias="server.timestamp")]
+    channel_id: Annotated[_Bigint | None, _NullIfInvalid(), Field(alias="channel.id")]
+    device_id: Annotated[_Bigint | None, _NullIfInvalid(), Field(alias="device.id")]
+    latitude: Annotated[_Latitude | None, _NullIfInvalid(), Field(alias="position.latitude")]
+    longitude: Annotated[_Longitude | None, _NullIfInvalid(), Field(alias="position.longitude")]
+
+
+# built once, used for every message
+KNOWN_FIELDS = TypeAdapter(KnownFields)
 
 
 def columns(data: dict[str, Any], raw: bytes) -> tuple[Any, ...]:
     """The derived columns of a message, in the order of MESSAGE_COLUMNS without stream,
     payload and message_hash: ident, ts, server_ts, channel_id, device_id, latitude,
     longitude, and last partition_ts (ts, else server_ts, else NO_TIME)."""
-    get = data.get
-    ts = epoch_seconds(get("timestamp"))
-    server_ts = epoch_seconds(get("server.timestamp"))
+    known = KNOWN_FIELDS.validate_python(data)
+    ident = known["ident"]
+    if ident is not None and type(ident) is not str:
+        ident = str(ident) if type(ident) is int else integer_digits(top_level_value(raw, "ident"))
+    ts = known["ts"]
+    server_ts = known["server_ts"]
+    channel_id = known["channel_id"]
+    device_id = known["device_id"]
     return (
-        ident_text(data, raw),
+        ident,
         ts,
         server_ts,
-        bigint(get("channel.id")),
-        bigint(get("device.id")),
-        coordinate(get("position.latitude"), 90.0),
-        coordinate(get("position.longitude"), 180.0),
+        channel_id if type(channel_id) is not float else int(channel_id),
+        device_id if type(device_id) is not float else int(device_id),
+        known["latitude"],
+        known["longitude"],
         ts if ts is not None else server_ts if server_ts is not None else NO_TIME,
     )
