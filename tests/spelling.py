@@ -6,23 +6,8 @@ import json
 import random
 from typing import Any
 
-import orjson
-
 WHITESPACE = ["", "", " ", "\n", "\t", "\r\n  "]
 BOM = b"\xef\xbb\xbf"
-
-
-def spelled(value: Any, style: str) -> bytes:
-    """`value` as JSON text in one of the spellings the benchmark also uses."""
-    if style == "compact":
-        return orjson.dumps(value)
-    if style == "spaced":
-        return json.dumps(value, ensure_ascii=False).encode()
-    if style == "escaped":
-        return json.dumps(value, separators=(",", ":")).replace("/", "\\/").encode()
-    if style == "pretty":
-        return json.dumps(value, indent=1, ensure_ascii=False).encode()
-    raise ValueError(style)
 
 
 class RandomSpelling:

@@ -33,6 +33,7 @@ from flespi_receiver.fields import MESSAGE_COLUMNS
 from flespi_receiver.messages import Message
 from flespi_receiver.migrate import create_migrated_database
 from flespi_receiver.progress import progress_bar
+from flespi_receiver.spellings import Spelling, spelled
 
 BENCH_DATABASE = "flespi_bench"
 SCHEMA = "flespi"
@@ -177,15 +178,24 @@ def receiver_config(
 
 
 async def bench_batch_size(
-    url: str, size: int, count: int, gzip_level: int | None, workdir: Path, device_state: bool
+    url: str,
+    size: int,
+    count: int,
+    gzip_level: int | None,
+    workdir: Path,
+    device_state: bool,
+    spelling: Spelling = "compact",
 ) -> list[Run]:
     """One round: COPY, the receiver and the naive receiver take turns, batch by batch.
 
     Each contender's rate is its messages over the sum of its own batch times, so a busy
-    moment on a shared machine hits all three alike instead of whichever ran then.
+    moment on a shared machine hits all three alike instead of whichever ran then. The
+    receivers get the messages in `spelling`; COPY gets the same rows as always.
     """
-    encoded = encode_messages(sample_messages(count, seed=size))
-    batches = list(batches_of(encoded, size))
+    messages = sample_messages(count, seed=size)
+    encoded = encode_messages(messages)
+    sent = encoded if spelling == "compact" else [spelled(m, spelling) for m in messages]
+    batches = list(batches_of(sent, size))
     copy_data = copy_batches(encoded, size)
     receiver_port, naive_port = free_port(), free_port()
     config = receiver_config(workdir, url, receiver_port, 512 * 1024 * 1024, device_state)
@@ -312,6 +322,7 @@ async def run_benchmark(
     gzip_level: int | None,
     rounds: int = 3,
     device_state: bool = False,
+    spelling: Spelling = "compact",
 ) -> dict[str, Any]:
     url = await prepare_database(admin_url)
     runs: list[Run] = []
@@ -327,13 +338,19 @@ async def run_benchmark(
                 bar.set_description(f"batch size {size}, round {number}/{rounds}")
                 measured.append(
                     await bench_batch_size(
-                        url, size, messages, gzip_level, Path(workdir), device_state
+                        url, size, messages, gzip_level, Path(workdir), device_state, spelling
                     )
                 )
                 bar.update(1)
             runs.extend(median_run(list(group)) for group in zip(*measured, strict=True))
             round_ratios[size] = paired_ratios(measured)
     summary = report(runs, round_ratios)
-    summary.update(cpus=os.cpu_count(), count=count, gzip=gzip_level is not None, rounds=rounds)
+    summary.update(
+        cpus=os.cpu_count(),
+        count=count,
+        gzip=gzip_level is not None,
+        rounds=rounds,
+        spelling=spelling,
+    )
     print(orjson.dumps(summary).decode())
     return summary

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command
 from flespi_receiver.errors import CommandFailed
+from flespi_receiver.spellings import SPELLINGS
 
 DEFAULT_DATA_DIR = Path(".data/bench-postgres")
 
@@ -42,6 +43,14 @@ def register(commands: Subcommands) -> None:
         help="messages per batch; repeat for several (default: 1000)",
     )
     bench.add_argument("--gzip", action="store_true", help="gzip the request bodies")
+    bench.add_argument(
+        "--spelling",
+        choices=SPELLINGS,
+        default="compact",
+        help="how the receivers' bodies spell the JSON: compact (as orjson writes it), spaced "
+        "(json.dumps defaults), escaped (non-ASCII as \\uXXXX, / as \\/), pretty (indented); "
+        "COPY gets the same rows whatever the spelling (default: %(default)s)",
+    )
     bench.add_argument(
         "--device-state",
         action="store_true",
@@ -117,5 +126,5 @@ async def _bench_on(url: str, args: argparse.Namespace) -> None:
     else:
         gzip_level = 6 if args.gzip else None
         await bench.run_benchmark(
-            url, sizes, args.count, gzip_level, args.rounds, args.device_state
+            url, sizes, args.count, gzip_level, args.rounds, args.device_state, args.spelling
         )
