@@ -11,10 +11,12 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
+from flespi_receiver.config import masked_view
 from flespi_receiver.store import SMALL_BATCH
 
-from conftest import ClientFactory
+from conftest import ClientFactory, SettingsFactory
 from helpers import AUTH, flespi_message, streams_toml
 from spelling import RandomSpelling
 
@@ -171,3 +173,74 @@ async def test_any_spelling_stores_what_the_compact_form_stores(
         assert reasons["compact"] == reasons["spelled"]
     finally:
         await client.close()
+
+
+RENAMED_STREAM = """
+[[streams]]
+name = "main"
+path = "/flespi"
+authorization = ["Bearer test-token"]
+[streams.fields]
+notation = "underscore"
+latitude = "lat"
+"""
+
+
+async def test_a_stream_reads_its_fields_by_the_names_it_is_configured_with(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver(streams=RENAMED_STREAM)
+    renamed = {
+        "ident": "A1",
+        "timestamp": 1764000000.5,
+        "server_timestamp": 1764000001,
+        "channel_id": 7,
+        "device_id": 8,
+        "lat": 49.5,
+        "position_longitude": 28.25,
+        # the dotted names are just parameters for this stream
+        "position.latitude": 1.0,
+    }
+    for size in (1, SMALL_BATCH + 1):  # one INSERT, then COPY
+        batch = [{**renamed, "n": i, "size": size} for i in range(size)]
+        reply = await client.post("/flespi", data=orjson.dumps(batch), headers=AUTH)
+        assert (await reply.json())["stored"] == size
+    rows = await db.fetch(
+        "SELECT ident, extract(epoch FROM ts) AS ts, extract(epoch FROM server_ts) AS server_ts,"
+        " channel_id, device_id, latitude, longitude FROM messages"
+    )
+    assert {tuple(row) for row in rows} == {("A1", 1764000000.5, 1764000001, 7, 8, 49.5, 28.25)}
+
+
+async def test_a_batch_without_the_configured_time_fields_is_logged_once(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver(streams=RENAMED_STREAM)
+    dotted = [flespi_message(i) for i in range(3)]  # timestamp, but server.timestamp dotted
+    for message in dotted:
+        del message["timestamp"]
+    with capture_logs() as logs:
+        for start in range(3):
+            body = orjson.dumps(dotted[start : start + 1])
+            assert (await client.post("/flespi", data=body, headers=AUTH)).status == 200
+    warnings = [e for e in logs if "time field" in e["event"]]
+    assert len(warnings) == 1
+    assert (warnings[0]["stream"], warnings[0]["server_timestamp"]) == ("main", "server_timestamp")
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE ts IS NULL") == 3
+
+
+def test_check_config_shows_the_names_in_effect(make_settings: SettingsFactory) -> None:
+    view = masked_view(make_settings(streams=RENAMED_STREAM))
+    assert view["streams"][0]["fields"]["in_effect"] == {
+        "ident": "ident",
+        "ts": "timestamp",
+        "server_ts": "server_timestamp",
+        "channel_id": "channel_id",
+        "device_id": "device_id",
+        "latitude": "lat",
+        "longitude": "position_longitude",
+    }
+    pascal = RENAMED_STREAM.replace('"underscore"', '"pascal"')
+    names = masked_view(make_settings(streams=pascal))["streams"][0]["fields"]["in_effect"]
+    assert names["server_ts"] == "ServerTimestamp"
+    assert names["ident"] == "Ident"

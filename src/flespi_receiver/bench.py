@@ -29,7 +29,7 @@ import orjson
 from flespi_receiver.copy_format import copy_chunks
 from flespi_receiver.embedded import free_port
 from flespi_receiver.emulator import StreamEmulator, batches_of, encode_messages, sample_messages
-from flespi_receiver.fields import MESSAGE_COLUMNS
+from flespi_receiver.fields import MESSAGE_COLUMNS, columns
 from flespi_receiver.messages import Message
 from flespi_receiver.migrate import create_migrated_database
 from flespi_receiver.progress import progress_bar
@@ -94,9 +94,14 @@ def copy_batches(encoded: Sequence[bytes], size: int) -> list[bytes]:
     """The COPY data of each batch, made before any clock starts: only PostgreSQL's work is
     timed for the reference."""
     return [
-        b"".join(copy_chunks("main", (Message(raw, orjson.loads(raw)) for raw in batch)))
+        b"".join(copy_chunks("main", (_message(raw) for raw in batch)))
         for batch in batches_of(encoded, size)
     ]
+
+
+def _message(raw: bytes) -> Message:
+    data = orjson.loads(raw)
+    return Message(raw, data, columns(data, raw))
 
 
 async def copy_batch(conn: asyncpg.Connection, data: bytes) -> None:

@@ -24,7 +24,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from flespi_receiver.config_sources import ENV_PREFIX, describe, merge, read_environment
 from flespi_receiver.errors import ConfigError
-from flespi_receiver.fields import MESSAGE_COLUMNS
+from flespi_receiver.fields import MESSAGE_COLUMNS, names_in
 
 CONFIG_ENV = "FLESPI_RECEIVER_CONFIG"
 DEFAULT_CONFIG = Path("config.toml")
@@ -115,12 +115,32 @@ class DatabaseSettings(_Section):
     notify_channel: Annotated[str, AfterValidator(_channel)] = "flespi_messages"
 
 
+class FieldNamesSettings(_Section):
+    """The parameter names of the known fields in a stream's messages. flespi's
+    convert_message can rename them (position_latitude, PositionLatitude) or keep only some:
+    the notation gives all names, a name set here wins for its column."""
+
+    notation: Literal["dotted", "underscore", "pascal"] = "dotted"
+    ident: str | None = Field(None, min_length=1)
+    ts: str | None = Field(None, min_length=1)
+    server_ts: str | None = Field(None, min_length=1)
+    channel_id: str | None = Field(None, min_length=1)
+    device_id: str | None = Field(None, min_length=1)
+    latitude: str | None = Field(None, min_length=1)
+    longitude: str | None = Field(None, min_length=1)
+
+    def in_effect(self) -> dict[str, str]:
+        """Column -> the parameter it is read from."""
+        return names_in(self.notation, self.model_dump(exclude={"notation"}))
+
+
 class StreamSettings(_Section):
     name: str = Field(min_length=1, max_length=200)
     path: str
     authorization: list[SecretStr] = Field(default_factory=list)
     allow_anonymous: bool = False
     on_invalid: Literal["quarantine", "reject"] = "quarantine"
+    fields: FieldNamesSettings = FieldNamesSettings()
     allowed_networks: list[IPvAnyNetwork] = Field(default_factory=list)
 
     @field_validator("path")
@@ -274,6 +294,7 @@ def masked_view(settings: Settings) -> dict[str, Any]:
     """The effective settings as plain data, with every secret masked."""
     view = settings.model_dump(mode="json", by_alias=True)
     view["database"]["url"] = mask_url(settings.database.url.get_secret_value())
-    for stream in view["streams"]:
+    for stream, settings_of_stream in zip(view["streams"], settings.streams, strict=True):
+        stream["fields"]["in_effect"] = settings_of_stream.fields.in_effect()
         stream["authorization"] = [MASK for _ in stream["authorization"]]
     return view

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator
 
-from flespi_receiver.fields import columns, postgres_usecs
+from flespi_receiver.fields import postgres_usecs
 from flespi_receiver.messages import Message
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
@@ -51,9 +51,7 @@ def _float(value: float | None) -> bytes:
 def encode_row(stream_field: bytes, message: Message) -> bytes:
     """One row, in the order of MESSAGE_COLUMNS: stream, derived columns, payload, identity,
     partition time."""
-    ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts = columns(
-        message.data, message.raw
-    )
+    ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts = message.columns
     if None in (ts, server_ts, channel_id, device_id, latitude, longitude):
         fixed = b"".join(
             (

@@ -87,44 +87,95 @@ _Latitude = Annotated[float, Strict(), Field(ge=-90.0, le=90.0, allow_inf_nan=Fa
 _Longitude = Annotated[float, Strict(), Field(ge=-180.0, le=180.0, allow_inf_nan=False)]
 
 
-@with_config(ConfigDict(extra="ignore"))
-class KnownFields(TypedDict, total=False):
-    """The fields of a flespi message the receiver understands, by their flespi names, with
-    the type and range each column takes; anything else there is NULL (the message keeps it
-    in payload), and every other parameter is left to payload and the typed columns."""
+# What the receiver understands: each derived column, the flespi parameter it comes from (in
+# flespi's own dotted notation) and the type and range it takes. Anything else there is NULL
+# (the message keeps it in payload); every other parameter is left to payload and the typed
+# columns of messages_typed.
+KNOWN_FIELDS: dict[str, tuple[str, Any]] = {
+    "ident": ("ident", _Ident),
+    "ts": ("timestamp", _Epoch),
+    "server_ts": ("server.timestamp", _Epoch),
+    "channel_id": ("channel.id", _Bigint),
+    "device_id": ("device.id", _Bigint),
+    "latitude": ("position.latitude", _Latitude),
+    "longitude": ("position.longitude", _Longitude),
+}
+# the time fields: a batch with neither in any message gets every partition_ts = NO_TIME
+TIME_FIELDS = ("ts", "server_ts")
+NOTATIONS = ("dotted", "underscore", "pascal")
 
-    ident: Annotated[_Ident | None, _NullIfInvalid(), Field(alias="ident")]
-    ts: Annotated[_Epoch | None, _NullIfInvalid(), Field(alias="timestamp")]
-    server_ts: Annotated[_Epoch | None, _NullIfInvalid(), Field(alias="server.timestamp")]
-    channel_id: Annotated[_Bigint | None, _NullIfInvalid(), Field(alias="channel.id")]
-    device_id: Annotated[_Bigint | None, _NullIfInvalid(), Field(alias="device.id")]
-    latitude: Annotated[_Latitude | None, _NullIfInvalid(), Field(alias="position.latitude")]
-    longitude: Annotated[_Longitude | None, _NullIfInvalid(), Field(alias="position.longitude")]
+
+def names_in(notation: str, explicit: dict[str, str | None] | None = None) -> dict[str, str]:
+    """The parameter name of each known field in a stream whose convert_message writes names
+    in `notation` (dotted: position.latitude, underscore: position_latitude, pascal:
+    PositionLatitude), `explicit` names winning."""
+    names = {}
+    for column, (dotted, _) in KNOWN_FIELDS.items():
+        if notation == "underscore":
+            name = dotted.replace(".", "_")
+        elif notation == "pascal":
+            name = "".join(part[:1].upper() + part[1:] for part in dotted.split("."))
+        else:
+            name = dotted
+        names[column] = (explicit or {}).get(column) or name
+    return names
 
 
-# built once, used for every message
-KNOWN_FIELDS = TypeAdapter(KnownFields)
+# TypedDict called with names known only from the configuration
+_typed_dict: Any = TypedDict
 
 
-def columns(data: dict[str, Any], raw: bytes) -> tuple[Any, ...]:
-    """The derived columns of a message, in the order of MESSAGE_COLUMNS without stream,
-    payload and message_hash: ident, ts, server_ts, channel_id, device_id, latitude,
-    longitude, and last partition_ts (ts, else server_ts, else NO_TIME)."""
-    known = KNOWN_FIELDS.validate_python(data)
-    ident = known["ident"]
-    if ident is not None and type(ident) is not str:
-        ident = str(ident) if type(ident) is int else integer_digits(top_level_value(raw, "ident"))
-    ts = known["ts"]
-    server_ts = known["server_ts"]
-    channel_id = known["channel_id"]
-    device_id = known["device_id"]
-    return (
-        ident,
-        ts,
-        server_ts,
-        channel_id if type(channel_id) is not float else int(channel_id),
-        device_id if type(device_id) is not float else int(device_id),
-        known["latitude"],
-        known["longitude"],
-        ts if ts is not None else server_ts if server_ts is not None else NO_TIME,
-    )
+class MessageFields:
+    """The known fields of one stream's messages, by the names that stream uses: a pydantic
+    TypedDict validator built once, used for every message."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self.names = names
+        known = _typed_dict(
+            "KnownFields",
+            {
+                column: Annotated[kind | None, _NullIfInvalid(), Field(alias=names[column])]
+                for column, (_, kind) in KNOWN_FIELDS.items()
+            },
+            total=False,
+        )
+        self._validator: TypeAdapter[dict[str, Any]] = TypeAdapter(
+            with_config(ConfigDict(extra="ignore"))(known)
+        )
+        # set when a message had a time field; see store_batch
+        self.time_seen = False
+        self.warned_without_time = False
+
+    def columns(self, data: dict[str, Any], raw: bytes) -> tuple[Any, ...]:
+        """The derived columns of a message, in the order of MESSAGE_COLUMNS without stream,
+        payload and message_hash: ident, ts, server_ts, channel_id, device_id, latitude,
+        longitude, and last partition_ts (ts, else server_ts, else NO_TIME)."""
+        known: dict[str, Any] = self._validator.validate_python(data)
+        ident = known["ident"]
+        if ident is not None and type(ident) is not str:
+            ident = (
+                str(ident)
+                if type(ident) is int
+                else integer_digits(top_level_value(raw, self.names["ident"]))
+            )
+        ts = known["ts"]
+        server_ts = known["server_ts"]
+        channel_id = known["channel_id"]
+        device_id = known["device_id"]
+        if ts is not None or server_ts is not None:
+            self.time_seen = True
+        return (
+            ident,
+            ts,
+            server_ts,
+            channel_id if type(channel_id) is not float else int(channel_id),
+            device_id if type(device_id) is not float else int(device_id),
+            known["latitude"],
+            known["longitude"],
+            ts if ts is not None else server_ts if server_ts is not None else NO_TIME,
+        )
+
+
+# flespi's own names, as a stream sends them unless convert_message renames them
+DEFAULT_FIELDS = MessageFields(names_in("dotted"))
+columns = DEFAULT_FIELDS.columns

@@ -16,6 +16,7 @@ from flespi_receiver.body import BodyReader, content_coding
 from flespi_receiver.config import StreamSettings
 from flespi_receiver.errors import BatchRejected, BodyIncomplete, BodyTimeout, BodyTooLarge
 from flespi_receiver.failures import DatabaseState, database_kind
+from flespi_receiver.fields import MessageFields
 from flespi_receiver.metrics import Metrics
 from flespi_receiver.network import Address, FailureLimiter, Network, allowed, client_address
 from flespi_receiver.pooled import PoolLimits, store_pooled
@@ -107,6 +108,7 @@ class StreamEndpoint:
         credentials = [v.get_secret_value().encode("utf-8") for v in stream.authorization]
         # one assignment: a request sees the old settings or the new ones, never a mix
         self.current = (stream, credentials)
+        self.fields = MessageFields(stream.fields.in_effect())
 
     async def handle(self, request: web.Request) -> web.Response:
         """Answer one batch request; every reply, 500s included, is one `batch` log line."""
@@ -239,7 +241,12 @@ class StreamEndpoint:
         pool, health = request.app[POOL], request.app[DATABASE_HEALTH]
         try:
             result = await store_pooled(
-                pool, stream.name, body, self.pool_limits, quarantine=quarantine
+                pool,
+                stream.name,
+                body,
+                self.pool_limits,
+                quarantine=quarantine,
+                fields=self.fields,
             )
         except BatchRejected as exc:
             return error_response(400 if exc.whole_body else 422, str(exc)), None

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 import orjson
 
+from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.json_scan import duplicate_key, key_count, split_array
 from flespi_receiver.splitter import NotExact, split_elements, without_bom
 
@@ -34,10 +35,12 @@ def identity_of(raw: bytes) -> bytes:
 
 @dataclass(slots=True)
 class Message:
-    """One message that can be stored: its JSON text as sent and the parsed object."""
+    """One message that can be stored: its JSON text as sent, the parsed object and, once
+    known, its derived columns (MessageFields.columns)."""
 
     raw: bytes
     data: dict[str, Any]
+    columns: tuple[Any, ...] = ()
 
     @property
     def identity(self) -> bytes:
@@ -64,18 +67,23 @@ class DecodedBatch:
         return len(self.messages) + len(self.rejected)
 
 
-def decode_batch(body: bytes) -> DecodedBatch:
-    """Split a request body into storable messages and rejected content."""
+def decode_batch(body: bytes, fields: MessageFields = DEFAULT_FIELDS) -> DecodedBatch:
+    """Split a request body into storable messages (with their columns) and rejected content."""
     elements = split_elements(body)
     if elements is not None:
         try:
-            return DecodedBatch(messages=list(exact_messages(elements)))
+            return DecodedBatch(messages=list(exact_messages(elements, fields)))
         except NotExact:
             pass
-    return _decode_careful(body)
+    batch = _decode_careful(body)
+    for message in batch.messages:
+        message.columns = fields.columns(message.data, message.raw)
+    return batch
 
 
-def exact_messages(elements: Iterable[msgspec.Raw]) -> Iterator[Message]:
+def exact_messages(
+    elements: Iterable[msgspec.Raw], fields: MessageFields = DEFAULT_FIELDS
+) -> Iterator[Message]:
     """Each element as a message, each judged on its own (see judge_element).
 
     Raises NotExact at the first element that must be quarantined. Lazy, so that the first
@@ -86,6 +94,7 @@ def exact_messages(elements: Iterable[msgspec.Raw]) -> Iterator[Message]:
         verdict = judge_element(bytes(element))
         if isinstance(verdict, Rejected):
             raise NotExact
+        verdict.columns = fields.columns(verdict.data, verdict.raw)
         yield verdict
 
 

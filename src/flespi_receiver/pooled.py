@@ -18,6 +18,7 @@ from asyncpg.pool import PoolConnectionProxy
 from flespi_receiver.body import BodyReader
 from flespi_receiver.errors import BatchRejected
 from flespi_receiver.failures import PoolExhausted
+from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.store import StoreResult, store_batch
 
 DEADLOCK_ATTEMPTS = 3
@@ -60,6 +61,7 @@ async def store_pooled(
     limits: PoolLimits,
     *,
     quarantine: bool,
+    fields: MessageFields = DEFAULT_FIELDS,
 ) -> StoreResult:
     """store_batch on a pooled connection: PoolExhausted, or whatever store_batch raises."""
     # two receivers storing overlapping batches in different orders can deadlock; PostgreSQL
@@ -73,6 +75,7 @@ async def store_pooled(
                     body,
                     quarantine=quarantine,
                     command_timeout=limits.command_timeout,
+                    fields=fields,
                 )
         except asyncpg.TransactionRollbackError:
             if attempt == DEADLOCK_ATTEMPTS - 1:

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from flespi_receiver.body import BodyReader
 from flespi_receiver.copy_format import HEADER, TRAILER, copy_chunks, row_chunks, stream_field
 from flespi_receiver.errors import BatchRejected
 from flespi_receiver.failures import DatabaseState, shared_kind, state_kind
-from flespi_receiver.fields import MESSAGE_COLUMNS, as_datetime, columns
+from flespi_receiver.fields import DEFAULT_FIELDS, MESSAGE_COLUMNS, MessageFields, as_datetime
 from flespi_receiver.messages import (
     Message,
     Rejected,
@@ -22,6 +23,8 @@ from flespi_receiver.messages import (
     identity_of,
 )
 from flespi_receiver.splitter import ElementSplitter, NotExact, split_elements
+
+log = structlog.get_logger("flespi_receiver.store")
 
 # a plain connection or one borrowed from the pool
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -69,9 +72,7 @@ class StoreResult:
 
 def _record(stream: str, message: Message) -> tuple[Any, ...]:
     """The row as INSERT_MESSAGES takes it (times as exact datetimes, like the COPY rows)."""
-    ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts = columns(
-        message.data, message.raw
-    )
+    ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts = message.columns
     return (
         stream,
         ident,
@@ -94,6 +95,7 @@ async def store_batch(
     *,
     quarantine: bool = True,
     command_timeout: float | None = None,
+    fields: MessageFields = DEFAULT_FIELDS,
 ) -> StoreResult:
     """Decode and store a batch body in one transaction; on return it is committed.
 
@@ -102,18 +104,40 @@ async def store_batch(
     `command_timeout` seconds (None: the connection's own limit) for PostgreSQL's work.
     With `quarantine` off, content that can't be stored raises BatchRejected and nothing is
     kept. A failure that is the database's state (see failures.py) raises: DatabaseState,
-    or asyncpg's own exception.
+    or asyncpg's own exception. `fields` names the known fields in this stream's messages.
     """
+    fields.time_seen = False
+    result = await _store_batch(conn, stream, body, quarantine, command_timeout, fields)
+    if result.messages and not fields.time_seen and not fields.warned_without_time:
+        # said once per stream, so that a notation that does not match is seen at once
+        fields.warned_without_time = True
+        log.warning(
+            "no message of the batch has a time field; check the stream's field names",
+            stream=stream,
+            timestamp=fields.names["ts"],
+            server_timestamp=fields.names["server_ts"],
+        )
+    return result
+
+
+async def _store_batch(
+    conn: Connection,
+    stream: str,
+    body: bytes | BodyReader,
+    quarantine: bool,
+    command_timeout: float | None,
+    fields: MessageFields,
+) -> StoreResult:
     if isinstance(body, BodyReader):
         limit = None if command_timeout is None else body.remaining() + command_timeout
-        streamed = await _copy_optimistically(conn, _streamed_rows(stream, body), limit)
+        streamed = await _copy_optimistically(conn, _streamed_rows(stream, body, fields), limit)
         if streamed is not None:
             return StoreResult(messages=streamed, stored=streamed, duplicates=0, rejected=0)
         body = await body.read_all()
-    optimistic = await _store_optimistically(conn, stream, body)
+    optimistic = await _store_optimistically(conn, stream, body, fields)
     if optimistic is not None:
         return optimistic
-    batch = decode_batch(body)
+    batch = decode_batch(body, fields)
     if not quarantine and batch.rejected:
         raise BatchRejected(batch.rejected[0].reason, whole_body=batch.body_error is not None)
     rejected = list(batch.rejected)
@@ -129,13 +153,15 @@ async def store_batch(
     )
 
 
-async def _store_optimistically(conn: Connection, stream: str, body: bytes) -> StoreResult | None:
+async def _store_optimistically(
+    conn: Connection, stream: str, body: bytes, fields: MessageFields
+) -> StoreResult | None:
     """The common case: every message valid and exactly re-encodable. None: be careful."""
     elements = split_elements(body)
     if elements is None:
         return None
     if len(elements) > SMALL_BATCH:
-        copy_data = _as_async(copy_chunks(stream, exact_messages(elements)))
+        copy_data = _as_async(copy_chunks(stream, exact_messages(elements, fields)))
         stored = await _copy_optimistically(conn, copy_data)
         if stored is None:
             return None
@@ -145,7 +171,7 @@ async def _store_optimistically(conn: Connection, stream: str, body: bytes) -> S
     records: list[tuple[Any, ...]] = []
 
     async def insert() -> int:
-        records.extend(_record(stream, message) for message in exact_messages(elements))
+        records.extend(_record(stream, message) for message in exact_messages(elements, fields))
         return await _insert_skipping_conflicts(conn, records) if records else 0
 
     stored = await _unless_careful(insert())
@@ -173,16 +199,18 @@ async def _copy_optimistically(
     return await _unless_careful(copy())
 
 
-async def _streamed_rows(stream: str, body: BodyReader) -> AsyncIterator[bytes]:
+async def _streamed_rows(
+    stream: str, body: BodyReader, fields: MessageFields
+) -> AsyncIterator[bytes]:
     """The COPY data of a body that is still arriving, encoded as its messages come in:
     PostgreSQL works on the first rows while the rest of the body is on its way."""
     splitter = ElementSplitter()
     field = stream_field(stream)
     yield HEADER
     async for data in body.chunks():
-        for chunk in row_chunks(field, exact_messages(splitter.feed(data))):
+        for chunk in row_chunks(field, exact_messages(splitter.feed(data), fields)):
             yield chunk
-    for chunk in row_chunks(field, exact_messages(splitter.finish())):
+    for chunk in row_chunks(field, exact_messages(splitter.finish(), fields)):
         yield chunk
     yield TRAILER
 
@@ -209,9 +237,7 @@ async def _store_messages(
         by_identity.setdefault(message.identity, message)
     if not by_identity:
         return 0
-    keys = [
-        (as_datetime(columns(m.data, m.raw)[-1]), identity) for identity, m in by_identity.items()
-    ]
+    keys = [(as_datetime(m.columns[-1]), identity) for identity, m in by_identity.items()]
     found = await conn.fetch(EXISTING_MESSAGES, stream, *map(list, zip(*keys, strict=True)))
     existing = {row[0] for row in found}
     # arrival order, so that ids increase in the order flespi sent the messages
