@@ -148,6 +148,20 @@ async def test_lock_held_past_command_timeout(
     assert (await post(client, OK_AND_BLOCKED))[0] == 200
 
 
+@pytest.mark.parametrize("setting", ["lock_timeout", "statement_timeout"])
+async def test_lock_or_statement_timeout_of_the_server(
+    receiver: ClientFactory, db: asyncpg.Connection, setting: str
+) -> None:
+    name = await db.fetchval("SELECT current_database()")
+    await db.execute(f"ALTER DATABASE {name} SET {setting} = '200ms'")
+    client = await receiver()
+    async with db.transaction():
+        await db.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        await assert_unavailable(client, OK_AND_BLOCKED, setting)
+    await nothing_kept(db)
+    assert (await post(client, OK_AND_BLOCKED))[0] == 200
+
+
 # PL/pgSQL run by a BEFORE INSERT trigger for the message with ident 'blocked' only
 REFUSALS = {
     "raise-exception": "RAISE EXCEPTION 'device % is blocked', NEW.ident",
@@ -195,8 +209,10 @@ async def test_a_trigger_refusing_one_message_quarantines_it_alone(
         (REFUSALS["check-violation"], 200),
         (REFUSALS["missing-table"], 503),  # a broken trigger: the database's state
         (REFUSALS["internal-error"], 503),
+        # a trigger that means "not now" says so with a SQLSTATE of the database's state
+        ("RAISE EXCEPTION 'not now' USING ERRCODE = 'lock_not_available'", 503),
     ],
-    ids=["raise-exception", "check-violation", "missing-table", "internal-error"],
+    ids=["raise-exception", "check-violation", "missing-table", "internal-error", "not-now"],
 )
 async def test_a_one_message_batch_is_decided_by_the_class_of_its_error(
     receiver: ClientFactory, db: asyncpg.Connection, statement: str, outcome: int
