@@ -19,6 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from flespi_receiver.body import _Decoder
+from flespi_receiver.errors import BodyIncomplete
 from flespi_receiver.ingest import STREAMED_BODY
 
 from conftest import Client, ClientFactory
@@ -211,3 +213,36 @@ async def test_a_slow_body_is_bound_by_body_timeout_not_command_timeout(
     answer = await reply_on(raw)
     assert answer.startswith(b"HTTP/1.1 200"), answer
     assert await count(db) == 200
+
+
+def decode(coding: str, sent: bytes, step: int) -> bytes:
+    """What the receiver's decoder makes of `sent` arriving `step` bytes at a time."""
+    decoder, out = _Decoder(coding), []
+    for start in range(0, len(sent), step):
+        decoder.push(sent[start : start + step])
+        while piece := decoder.pull():
+            assert len(piece) <= 256 * 1024  # bounded, whatever the compression ratio
+            out.append(piece)
+    decoder.finish()
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("step", [1, 13, 4096, 1 << 30])
+def test_every_broken_stream_is_seen_however_it_arrives(step: int) -> None:
+    body = LARGE if step > 1 else SMALL
+    for coding, packed in [
+        ("gzip", gzip.compress(body)),
+        ("gzip", gzip.compress(body[:100]) + gzip.compress(body[100:])),
+        ("deflate", zlib.compress(body)),
+        ("deflate", raw_deflate(body)),
+    ]:
+        assert decode(coding, packed, step) == body
+    for _, coding, damage in BROKEN:
+        with pytest.raises(BodyIncomplete):
+            decode(coding.lower(), damage(body), step)
+
+
+def test_a_bomb_comes_out_a_bounded_piece_at_a_time() -> None:
+    decoder = _Decoder("gzip")
+    decoder.push(gzip.compress(b" " * 100_000_000))  # 100 MB from about 100 KB
+    assert len(decoder.pull()) == 256 * 1024

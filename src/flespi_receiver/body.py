@@ -36,57 +36,57 @@ def content_coding(header: str | None) -> str | None:
 class _Decoder:
     """Decompresses gzip (every member of a multi-member stream) or deflate (zlib or raw).
 
-    Raises BodyIncomplete for a stream that is corrupt, ends before its end, or has bytes
-    after its end.
+    Output comes a piece of at most _PIECE bytes at a time, whatever the compression ratio,
+    so that memory stays bounded until the size limit stops a bomb. Raises BodyIncomplete
+    for a stream that is corrupt, ends before its end, or has bytes after its end.
     """
 
     def __init__(self, coding: str) -> None:
         self._gzip = coding in ("gzip", "x-gzip")
         self._name = "gzip" if self._gzip else "deflate"
-        self._pending = b""  # deflate: bytes kept until the zlib header can be recognised
+        self._input = b""
+        # deflate: created once the first two bytes tell a zlib header from raw deflate
         self._inflate: zlib._Decompress | None = zlib.decompressobj(31) if self._gzip else None
-        self._started = False
+        self._draining = False  # the last piece was cut at _PIECE: zlib may hold more
 
-    def feed(self, data: bytes) -> list[bytes]:
-        if self._inflate is None:
-            self._pending += data
-            if len(self._pending) < 2:
-                return []
-            data, self._pending = self._pending, b""
-            self._inflate = zlib.decompressobj(15 if _zlib_header(data) else -15)
-        return self._run(data)
+    def push(self, data: bytes) -> None:
+        self._input += data
 
-    def finish(self) -> list[bytes]:
-        if self._inflate is None or not self._inflate.eof:
-            raise BodyIncomplete(f"{self._name} stream ends before its end (truncated)")
-        return self._run(b"")
-
-    def _run(self, data: bytes) -> list[bytes]:
-        pieces = []
-        draining = False
+    def pull(self) -> bytes:
+        """The next piece of output; b"" when more input is needed."""
         while True:
             inflate = self._inflate
-            assert inflate is not None
+            if inflate is None:
+                if len(self._input) < 2:
+                    return b""
+                inflate = self._inflate = zlib.decompressobj(
+                    15 if _zlib_header(self._input) else -15
+                )
             if inflate.eof:
-                data = inflate.unused_data + data
-                if not data:
-                    break
+                rest, self._input = inflate.unused_data + self._input, b""
+                if not rest:
+                    return b""
                 if not self._gzip:
                     raise BodyIncomplete("bytes after the end of the deflate stream")
                 # RFC 1952: a gzip stream may hold several members, one after another
                 inflate = self._inflate = zlib.decompressobj(31)
-            elif not data and not draining:
-                break
+                self._input = rest
+            if not self._input and not self._draining:
+                return b""
             try:
-                piece = inflate.decompress(data, _PIECE)
+                piece = inflate.decompress(self._input, _PIECE)
             except zlib.error as exc:
                 raise BodyIncomplete(f"{self._name} stream is corrupt: {exc}") from None
-            if piece:
-                pieces.append(piece)
             # at the end of a stream the rest is in unused_data (and in unconsumed_tail too)
-            data = b"" if inflate.eof else inflate.unconsumed_tail
-            draining = len(piece) == _PIECE  # output was cut at the limit: more may be held
-        return pieces
+            self._input = b"" if inflate.eof else inflate.unconsumed_tail
+            self._draining = len(piece) == _PIECE
+            if piece:
+                return piece
+
+    def finish(self) -> None:
+        """The input has ended (and pull gave all it could): was the stream complete?"""
+        if self._inflate is None or not self._inflate.eof:
+            raise BodyIncomplete(f"{self._name} stream ends before its end (truncated)")
 
 
 def _zlib_header(data: bytes) -> bool:
@@ -107,7 +107,6 @@ class BodyReader:
         self._max_size = max_size
         self._deadline = asyncio.get_running_loop().time() + timeout
         self._chunks: list[bytes] = []
-        self._ready: list[bytes] = []
         self._complete = False
         self.received = 0  # bytes as sent
         self.size = 0  # bytes after decompression
@@ -128,16 +127,22 @@ class BodyReader:
         return b"".join(self._chunks)
 
     async def _next(self) -> bytes | None:
-        while not self._ready:
+        while True:
+            chunk = self._decoder.pull() if self._decoder else b""
+            if chunk:
+                break
             if self._complete:
                 return None
             data = await self._receive()
-            if self._decoder is None:
-                self._ready = [data] if data else []
+            if not data:
+                self._complete = True
+                if self._decoder:
+                    self._decoder.finish()
+            elif self._decoder:
+                self._decoder.push(data)
             else:
-                self._ready = self._decoder.feed(data) if data else self._decoder.finish()
-            self._complete = not data
-        chunk = self._ready.pop(0)
+                chunk = data
+                break
         self.size += len(chunk)
         if self.size > self._max_size:
             raise BodyTooLarge
