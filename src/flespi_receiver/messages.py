@@ -75,10 +75,7 @@ def decode_batch(body: bytes, fields: MessageFields = DEFAULT_FIELDS) -> Decoded
             return DecodedBatch(messages=list(exact_messages(elements, fields)))
         except NotExact:
             pass
-    batch = _decode_careful(body)
-    for message in batch.messages:
-        message.columns = fields.columns(message.data, message.raw)
-    return batch
+    return _decode_careful(body, fields)
 
 
 def exact_messages(
@@ -94,8 +91,15 @@ def exact_messages(
         verdict = judge_element(bytes(element))
         if isinstance(verdict, Rejected):
             raise NotExact
-        verdict.columns = fields.columns(verdict.data, verdict.raw)
+        _derive_columns(verdict, fields)
         yield verdict
+
+
+def _derive_columns(message: Message, fields: MessageFields) -> None:
+    """The message's columns; its parsed object is let go then, as nothing needs it any more:
+    a batch kept whole (the careful path) holds its texts, not their far larger parses."""
+    message.columns = fields.columns(message.data, message.raw)
+    message.data = {}
 
 
 def judge_element(raw: bytes) -> Message | Rejected:
@@ -150,7 +154,7 @@ def _why_invalid(raw: bytes, exc: orjson.JSONDecodeError) -> str:
     return f"not valid JSON: {exc}"
 
 
-def _decode_careful(body: bytes) -> DecodedBatch:
+def _decode_careful(body: bytes, fields: MessageFields) -> DecodedBatch:
     elements = split_array(bytes(without_bom(body)))
     if isinstance(elements, str):
         return DecodedBatch(rejected=[Rejected(body, elements)], body_error=elements)
@@ -160,6 +164,7 @@ def _decode_careful(body: bytes) -> DecodedBatch:
         if isinstance(verdict, Rejected):
             batch.rejected.append(verdict)
         else:
+            _derive_columns(verdict, fields)
             batch.messages.append(verdict)
     return batch
 

@@ -76,6 +76,13 @@ def register(commands: Subcommands) -> None:
         help="instead: peak RSS while ingesting MESSAGES, then one body of --max-body-size",
     )
     bench.add_argument("--max-body-size", type=int, default=64 * 1024 * 1024)
+    bench.add_argument(
+        "--memory-shapes",
+        type=int,
+        metavar="BYTES",
+        help="instead: peak RSS of one body of about BYTES per shape (huge string, huge array, "
+        "20 000 keys, deep nesting, quarantined content), each in a fresh receiver",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,6 +128,10 @@ async def _bench_on(url: str, args: argparse.Namespace) -> None:
     sizes = args.batch_sizes or [1000]
     if args.growth:
         await bench_scale.growth_curve(url, args.growth, args.growth_step, sizes[0], args.count)
+    elif args.memory_shapes:
+        from flespi_receiver import bench_shapes
+
+        await bench_shapes.memory_by_shape(url, args.memory_shapes)
     elif args.memory:
         await bench_scale.memory_profile(url, args.memory, args.max_body_size)
     else:
