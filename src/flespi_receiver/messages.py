@@ -151,6 +151,12 @@ def _why_invalid(raw: bytes, exc: orjson.JSONDecodeError) -> str:
         return "empty array element"
     if str(exc).startswith("depth limit exceeded"):
         return f"nesting deeper than {MAX_DEPTH} levels"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        # orjson reports this as a surrogate error at char 0, whatever the bytes
+        byte = raw[bad.start]
+        return f"not valid UTF-8: byte 0x{byte:02x} at offset {bad.start} of the message"
     return f"not valid JSON: {exc}"
 
 
