@@ -16,6 +16,12 @@ class ConfigError(ReceiverError):
     exit_code = 2
 
 
+class UsageError(ReceiverError):
+    """A command's argument can't be used as given (an output file that can't be written)."""
+
+    exit_code = 2
+
+
 class EmbeddedServerBusy(ReceiverError):
     """The embedded PostgreSQL's data folder is owned by another running receiver."""
 

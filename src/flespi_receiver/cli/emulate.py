@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import orjson
 
+from flespi_receiver.cli.arguments import http_url, integer, share
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command
 from flespi_receiver.errors import CommandFailed
 from flespi_receiver.progress import progress_bar
@@ -42,9 +43,9 @@ def register(commands: Subcommands) -> None:
         run,
         config=False,
     )
-    emulate.add_argument("url")
-    emulate.add_argument("--count", type=int, default=10000, help="messages to send")
-    emulate.add_argument("--batch-size", type=int, default=1000)
+    emulate.add_argument("url", type=http_url)
+    emulate.add_argument("--count", type=integer(1), default=10000, help="messages to send")
+    emulate.add_argument("--batch-size", type=integer(1), default=1000)
     emulate.add_argument(
         "--authorization",
         default=os.environ.get("FLESPI_EMULATE_AUTHORIZATION"),
@@ -53,9 +54,9 @@ def register(commands: Subcommands) -> None:
     emulate.add_argument("--gzip", action="store_true", help="gzip the request bodies")
     emulate.add_argument(
         "--resend-rate",
-        type=float,
+        type=share,
         default=0.0,
-        help="share of acknowledged batches sent again, as after a lost reply",
+        help="share of acknowledged batches sent again, as after a lost reply (0 to 1)",
     )
     emulate.add_argument("--seed", type=int, default=0)
     emulate.add_argument(
@@ -68,7 +69,7 @@ def register(commands: Subcommands) -> None:
     )
     emulate.add_argument(
         "--max-attempts",
-        type=int,
+        type=integer(0),
         default=DEFAULT_ATTEMPTS,
         help="give up on a batch the receiver keeps answering 5xx (or not at all) after "
         "this many tries, waiting up to 2 s between them; 0 = retry for ever, as flespi "

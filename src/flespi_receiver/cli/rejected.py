@@ -11,11 +11,12 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import asyncpg
 import orjson
 
+from flespi_receiver.cli.arguments import BIGINT_MAX, integer
 from flespi_receiver.cli.common import (
     EXIT_OK,
     Subcommands,
@@ -24,7 +25,7 @@ from flespi_receiver.cli.common import (
     with_connection,
 )
 from flespi_receiver.database import Database
-from flespi_receiver.errors import CommandFailed
+from flespi_receiver.errors import CommandFailed, UsageError
 from flespi_receiver.progress import progress_bar
 from flespi_receiver.quarantine import (
     RejectedFilter,
@@ -63,7 +64,9 @@ def filter_from(args: argparse.Namespace) -> RejectedFilter:
 def _list(commands: Subcommands) -> None:
     parser = _subcommand(commands, "list", "newest first: id, time, stream, size, reason, preview")
     add_filter_options(parser)
-    parser.add_argument("--limit", type=int, default=50, help="rows at most (default: 50)")
+    parser.add_argument(
+        "--limit", type=integer(1), default=50, help="rows at most, 1 or more (default: 50)"
+    )
     parser.add_argument("--json", action="store_true", help="a JSON array, for scripts")
     parser.set_defaults(handler=run_list)
 
@@ -74,7 +77,7 @@ def _show(commands: Subcommands) -> None:
         "show",
         "one rejected row in full; raw as text when it is UTF-8, other bytes as \\xNN",
     )
-    parser.add_argument("id", type=int)
+    parser.add_argument("id", type=integer(1, BIGINT_MAX), help="the row's id (rejected list)")
     parser.add_argument(
         "--raw", action="store_true", help="write raw's exact bytes to stdout, nothing else"
     )
@@ -178,10 +181,18 @@ def run_show(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     settings, _ = load(args)
     where = filter_from(args)
+    out: BinaryIO = sys.stdout.buffer
+    if args.output:
+        try:
+            out = args.output.open("wb")
+        except OSError as exc:
+            raise UsageError(
+                f"--output {args.output}: cannot be written ({exc.strerror}); give a file in "
+                "an existing folder you can write to"
+            ) from None
 
     async def work(conn: asyncpg.Connection, _: Database) -> int:
         total = await count_rejected(conn, where)
-        out = args.output.open("wb") if args.output else sys.stdout.buffer
         written = 0
         try:
             with progress_bar(total, "rows", "exporting rejected_messages") as bar:
