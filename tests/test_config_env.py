@@ -76,6 +76,31 @@ def check_config(path: Path, **env: str) -> subprocess.CompletedProcess[str]:
             '[{"name": "main", "path": "/flespi", "authorization": ["Bearer <token>"]}]; got '
             "an object",
         ),
+        (
+            "FLESPI_RECEIVER_STREAMS",
+            '[{"name": "a", "path": "/flespi", "allow_anonymous": true},'
+            ' {"name": "b", "path": "/flespi", "allow_anonymous": true}]',
+            "environment variable FLESPI_RECEIVER_STREAMS: streams: two streams have the same "
+            "path '/flespi'",
+        ),
+        (
+            "FLESPI_RECEIVER_SERVER_PORT",
+            "1",
+            "environment variable FLESPI_RECEIVER_SERVER_PORT sets nothing; did you mean "
+            "FLESPI_RECEIVER_SERVER__PORT?",
+        ),
+        (
+            "FLESPI_RECEIVER_STREAM",
+            "[]",
+            "environment variable FLESPI_RECEIVER_STREAM sets nothing; did you mean "
+            "FLESPI_RECEIVER_STREAMS?",
+        ),
+        (
+            "FLESPI_RECEIVER_BOGUS",
+            "1",
+            "environment variable FLESPI_RECEIVER_BOGUS sets nothing (a key inside a section is "
+            "FLESPI_RECEIVER_<SECTION>__<KEY>)",
+        ),
     ],
     ids=[
         "broken-json",
@@ -85,6 +110,10 @@ def check_config(path: Path, **env: str) -> subprocess.CompletedProcess[str]:
         "unknown-section",
         "invalid-stream",
         "object-not-list",
+        "same-path-in-the-environment",
+        "single-underscore",
+        "misspelled-list",
+        "sets-nothing",
     ],
 )
 def test_environment_errors_name_the_variable(

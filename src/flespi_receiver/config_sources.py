@@ -6,6 +6,7 @@ that holds the bad value, and says what was expected.
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ EXAMPLES = {
 }
 
 Location = tuple[str, ...]
+# FLESPI_RECEIVER_* variables that are not settings: the config file's path, the tests' database
+NOT_SETTINGS = frozenset({"FLESPI_RECEIVER_CONFIG", "FLESPI_RECEIVER_TEST_DATABASE_URL"})
 
 
 @dataclass
@@ -72,11 +75,25 @@ def _json(variable: str, key: str, value: str, annotation: Any) -> Any:
     return parsed
 
 
+def _suggestion(variable: str, model: type[BaseModel]) -> str:
+    """ "; did you mean X?" with the closest variable name that sets something, or ""."""
+    names = []
+    for name, info in model.model_fields.items():
+        names.append(name.upper())
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            names += [f"{name.upper()}{NESTED}{inner.upper()}" for inner in section.model_fields]
+    wrong = variable.upper().removeprefix(ENV_PREFIX)
+    close = difflib.get_close_matches(wrong, names, n=1, cutoff=0.75)
+    hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+    return hint + f" (a key inside a section is {ENV_PREFIX}<SECTION>{NESTED}<KEY>)"
+
+
 def read_environment(environ: Mapping[str, str], model: type[BaseModel]) -> Overrides:
     """`FLESPI_RECEIVER_<SECTION>__<KEY>` (or `FLESPI_RECEIVER_<KEY>` for a whole list or
-    section, as JSON) into nested data. Other `FLESPI_RECEIVER_*` names without `__` (such
-    as FLESPI_RECEIVER_CONFIG) are not settings and are left alone. Raises ConfigError for
-    a list that is not JSON, or a variable naming an unknown section."""
+    section, as JSON) into nested data; NOT_SETTINGS are left alone. Raises ConfigError for
+    a list that is not JSON, a variable naming an unknown section, or any other variable
+    that sets nothing (a misspelling), with the closest name that does."""
     found = Overrides()
     for variable in sorted(environ):
         if not variable.upper().startswith(ENV_PREFIX):
@@ -85,6 +102,8 @@ def read_environment(environ: Mapping[str, str], model: type[BaseModel]) -> Over
         path = variable[len(ENV_PREFIX) :].lower().split(NESTED)
         top = _field(model, path[0])
         if top is None:
+            if variable.upper() in NOT_SETTINGS:
+                continue
             if len(path) > 1:
                 sections = ", ".join(
                     n for n, i in model.model_fields.items() if _is_model(i.annotation)
@@ -93,7 +112,9 @@ def read_environment(environ: Mapping[str, str], model: type[BaseModel]) -> Over
                     f"environment variable {variable}: unknown section {path[0]!r} "
                     f"(the sections are {sections})"
                 )
-            continue
+            raise ConfigError(
+                f"environment variable {variable} sets nothing{_suggestion(variable, model)}"
+            )
         name, annotation = top
         if len(path) == 1:
             parsed = (
@@ -146,8 +167,12 @@ def describe(error: ValidationError, path: Path, overrides: Overrides) -> str:
     lines = []
     for item in error.errors():
         loc = tuple(str(part) for part in item["loc"])
-        key = ".".join(loc) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
+        if not loc:
+            # a check across a list ("two streams have the same path"): the list it names
+            lists = {"streams": ("streams",), "[[columns]]": ("columns",)}
+            loc = next((at for word, at in lists.items() if word in message), loc)
+        key = ".".join(loc) or "(top level)"
         if item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling against config.example.toml)"
         elif item["type"] == "missing":
