@@ -73,11 +73,22 @@ class ServerSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     max_body_size: int = Field(64 * 1024 * 1024, ge=1024)
     body_timeout: float = Field(60.0, gt=0)
+    # bytes per second a body must keep up after its first MIN_RATE_GRACE seconds; 0 = off
+    min_body_rate: int = Field(8192, ge=0)
+    # bodies received or stored at the same time; more wait (acquire_timeout, then 503)
+    bodies_in_flight: int = Field(4, ge=1, le=1000)
+    # request line plus headers: at most this many bytes (431), within this many seconds (408)
+    max_header_size: int = Field(16384, ge=2048, le=1048576)
+    header_timeout: float = Field(10.0, gt=0)
+    # an idle kept-alive connection is closed after this many seconds
+    keepalive_timeout: float = Field(75.0, gt=0)
     shutdown_timeout: float = Field(30.0, gt=0)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     allowed_networks: list[IPvAnyNetwork] = Field(default_factory=list)
     trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list)
+    # which header a trusted proxy reports the client in; the other one is ignored
+    client_address_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     auth_failures_per_minute: int = Field(20, ge=0)
 
     @field_validator("tls_cert", "tls_key")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 import ssl
 from pathlib import Path
@@ -13,6 +14,7 @@ from aiohttp import web
 from flespi_receiver.app import create_app, create_metrics_app
 from flespi_receiver.config import ServerSettings, Settings, load_settings, mask_url
 from flespi_receiver.config_diff import settings_needing_restart
+from flespi_receiver.connection import HeaderLimits, ReceiverRunner
 from flespi_receiver.errors import ConfigError
 from flespi_receiver.state import ACCEPTING, ENDPOINTS, IN_FLIGHT, METRICS
 
@@ -22,6 +24,18 @@ log = structlog.get_logger("flespi_receiver.server")
 AFTER_DRAIN = 1.0
 # keys a SIGHUP can change; anything else needs a restart
 RELOADABLE = "streams[].authorization, streams[].allowed_networks, server.tls_cert/tls_key"
+
+
+def raise_file_limit() -> int:
+    """Raise the soft limit of open files to the hard one (one per connection); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # an unlimited hard limit some kernels refuse as soft
+            pass
+    return soft
 
 
 def tls_context(server: ServerSettings) -> ssl.SSLContext | None:
@@ -68,8 +82,16 @@ async def serve_app(settings: Settings, dsn: str, config: Path) -> None:
     are read to the end and answered, for up to server.shutdown_timeout seconds.
     """
     app = create_app(settings, dsn)
-    runners = [
-        web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=AFTER_DRAIN)
+    server = settings.server
+    runners: list[web.AppRunner] = [
+        ReceiverRunner(
+            app,
+            header_limits=HeaderLimits(server.max_header_size, server.header_timeout),
+            keepalive_timeout=server.keepalive_timeout,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=AFTER_DRAIN,
+        )
     ]
     context = tls_context(settings.server)
     stop = asyncio.Event()
@@ -98,6 +120,7 @@ async def serve_app(settings: Settings, dsn: str, config: Path) -> None:
         log.info(
             "serving",
             address=site.name,
+            open_files_limit=raise_file_limit(),
             streams={s.name: s.path for s in settings.streams},
             database=mask_url(dsn),
         )
