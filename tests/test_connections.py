@@ -145,7 +145,12 @@ async def store_one(served: Served) -> int:
     ("headers", "status"),
     [
         (b"", 401),
-        (b"Authorization: " + TOKEN.encode() + b"\r\nContent-Encoding: compress\r\n", 415),
+        (
+            b"Authorization: "
+            + TOKEN.encode()
+            + b"\r\nContent-Encoding: compress\r\nContent-Length: 1000000\r\n",
+            415,
+        ),
         (b"Authorization: " + TOKEN.encode() + b"\r\nContent-Length: 999999999\r\n", 413),
     ],
     ids=["401", "415", "413"],
