@@ -133,9 +133,16 @@ class StreamEndpoint:
         # one assignment: a request sees the old settings or the new ones, never a mix
         self.current = (stream, credentials)
         self.fields = MessageFields(stream.fields.in_effect())
+        self.removed = False
+
+    def remove(self) -> None:
+        """The stream was removed from the configuration (SIGHUP): its path answers 404."""
+        self.removed = True
 
     async def handle(self, request: web.Request) -> web.Response:
         """Answer one batch request; every reply, 500s included, is one `batch` log line."""
+        if self.removed:
+            return error_response(404, "no stream at this path (removed from the configuration)")
         started = time.perf_counter()
         stream, credentials = self.current
         rid = request_id(request.headers.get("X-Request-Id"))
