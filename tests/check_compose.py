@@ -19,6 +19,8 @@ ALLOWED_SERVICE_KEYS = {
     "stop_grace_period",
     "command",
     "env_file",
+    "networks",
+    "ulimits",
 }
 
 
@@ -50,6 +52,9 @@ def problems(compose: dict[str, object]) -> list[str]:
             source = volume.split(":", 1)[0]
             if not source.startswith((".", "/")) and source not in (compose.get("volumes") or {}):
                 found.append(f"{name}: volume {source} is not declared")
+        for network in service.get("networks", []):
+            if network not in (compose.get("networks") or {}):
+                found.append(f"{name}: network {network} is not declared")
     return found
 
 

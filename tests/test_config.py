@@ -72,7 +72,7 @@ def test_streams_from_the_environment_alone(
         (VALID + "\n[server]\nprot = 1\n", "server.prot: unknown key"),
         (VALID + "\n[server]\nport = 'eighty'\n", "server.port: Input should be a valid integer"),
         (VALID.replace("postgresql://", "mysql://"), "database.url: must start with postgresql://"),
-        (VALID.replace("5432", "99999"), "database.url: has an invalid port"),
+        (VALID.replace("5432", "99999"), "database.url: has a port that is not a number"),
         (VALID + '\n[log]\nlevel = "loud"\n', "log.level"),
         (VALID.replace('path = "/flespi"', ""), "streams.0.path: is required"),
         (

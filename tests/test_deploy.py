@@ -48,3 +48,33 @@ def test_health_checks_probe_real_endpoints() -> None:
     assert "/readyz" in " ".join(compose["services"]["receiver"]["healthcheck"]["test"])
     unit = (DEPLOY / "flespi-receiver.service").read_text()
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
+
+
+def trusted(environment: dict[str, str]) -> list[str]:
+    return list(orjson.loads(environment["FLESPI_RECEIVER_SERVER__TRUSTED_PROXIES"]))
+
+
+def test_each_recipe_trusts_exactly_its_proxy_which_overwrites_the_client_address() -> None:
+    nginx = (DEPLOY / "nginx.conf").read_text()
+    assert "proxy_pass http://127.0.0.1:8080;" in nginx
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in nginx
+    assert 'proxy_set_header Forwarded "";' in nginx
+    unit = (DEPLOY / "flespi-receiver.service").read_text()
+    assert """Environment='FLESPI_RECEIVER_SERVER__TRUSTED_PROXIES=["127.0.0.1/32"]'""" in unit
+    assert "header_up -Forwarded" in (DEPLOY / "Caddyfile").read_text()
+    recommended = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    caddy = recommended["caddy"]["networks"]["front"]["ipv4_address"]
+    assert trusted(recommended["receiver"]["environment"]) == [f"{caddy}/32"]
+    minimal = yaml.safe_load((DEPLOY.parent / "docker-compose.yml").read_text())
+    gateway = minimal["networks"]["receiver"]["ipam"]["config"][0]["gateway"]
+    assert trusted(minimal["services"]["receiver"]["environment"]) == [f"{gateway}/32"]
+
+
+def test_file_descriptor_limits_allow_thousands_of_connections() -> None:
+    unit = (DEPLOY / "flespi-receiver.service").read_text()
+    limit = re.search(r"^LimitNOFILE=(\d+)$", unit, re.MULTILINE)
+    assert limit
+    assert int(limit[1]) >= 10_000
+    for path in (DEPLOY / "docker-compose.yml", DEPLOY.parent / "docker-compose.yml"):
+        receiver = yaml.safe_load(path.read_text())["services"]["receiver"]
+        assert receiver["ulimits"]["nofile"]["soft"] >= 10_000, path

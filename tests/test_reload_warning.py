@@ -1,10 +1,12 @@
-"""SIGHUP names each changed setting that only a restart applies."""
+"""SIGHUP names each changed setting that only a restart applies, and then applies nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 from pathlib import Path
+
+import aiohttp
 
 from flespi_receiver.config_diff import settings_needing_restart
 from flespi_receiver.embedded import free_port
@@ -27,13 +29,24 @@ async def test_sighup_warns_about_settings_it_cannot_apply(
         config.write_text(changed)
         process.send_signal(signal.SIGHUP)
         for _ in range(100):
-            warnings = [e for e in log_events(config) if e.get("level") == "warning"]
-            if warnings:
+            refusals = [e for e in log_events(config) if e.get("level") == "error"]
+            if refusals:
                 break
             await asyncio.sleep(0.05)
         await wait_until_serving(port, process)  # still on the old port
-    (warning,) = warnings
-    assert warning["settings"] == ["database.acquire_timeout", "server.port"]
+        # all or nothing: the new token, reloadable on its own, is not applied either
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{port}/flespi",
+                data=b"[]",
+                headers={"Authorization": "Bearer new"},
+            ) as reply,
+        ):
+            assert reply.status == 401
+    (refusal,) = refusals
+    assert refusal["event"] == "reload refused: the old configuration stays"
+    assert "database.acquire_timeout, server.port" in refusal["error"]
 
 
 def test_what_needs_a_restart(make_settings: SettingsFactory) -> None:

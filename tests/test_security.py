@@ -13,10 +13,11 @@ import asyncpg
 import orjson
 import pytest
 import trustme
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from flespi_receiver.embedded import free_port
 from flespi_receiver.emulator import StreamEmulator, encode_messages, sample_messages
-from flespi_receiver.network import client_address
+from flespi_receiver.network import ClientAddressHeader, client_address, limiter_key
 
 from conftest import ClientFactory
 from helpers import (
@@ -32,36 +33,79 @@ from helpers import (
 
 BODY = orjson.dumps([flespi_message(1)])
 FLESPI_RANGE = "185.213.2.0/24"
+XFF: ClientAddressHeader = "x-forwarded-for"
 
 
 @pytest.mark.parametrize(
-    ("peer", "headers", "expected"),
+    ("peer", "headers", "header", "expected"),
     [
-        ("127.0.0.1", {"X-Forwarded-For": "185.213.2.7"}, "185.213.2.7"),
-        ("127.0.0.1", {"X-Forwarded-For": "10.9.9.9, 185.213.2.7"}, "185.213.2.7"),
-        ("127.0.0.1", {"X-Forwarded-For": "185.213.2.7, 127.0.0.2"}, "185.213.2.7"),
-        ("127.0.0.1", {"Forwarded": 'for="[2001:db8::7]:4711";proto=https'}, "2001:db8::7"),
-        ("127.0.0.1", {"Forwarded": "for=185.213.2.7:1234, for=127.0.0.3"}, "185.213.2.7"),
-        ("127.0.0.1", {"X-Forwarded-For": "garbage"}, "127.0.0.1"),
-        ("127.0.0.1", {}, "127.0.0.1"),
-        ("192.0.2.1", {"X-Forwarded-For": "185.213.2.7"}, "192.0.2.1"),
+        ("127.0.0.1", {"X-Forwarded-For": "185.213.2.7"}, XFF, "185.213.2.7"),
+        ("127.0.0.1", {"X-Forwarded-For": "10.9.9.9, 185.213.2.7"}, XFF, "185.213.2.7"),
+        ("127.0.0.1", {"X-Forwarded-For": "185.213.2.7, 127.0.0.2"}, XFF, "185.213.2.7"),
+        # a client's own X-Forwarded-For is left of what the proxy appended: never believed
+        ("127.0.0.1", {"X-Forwarded-For": "185.213.2.7, 203.0.113.5"}, XFF, "203.0.113.5"),
+        # Forwarded is ignored unless configured, whoever sent it
+        (
+            "127.0.0.1",
+            {"Forwarded": "for=185.213.2.7", "X-Forwarded-For": "203.0.113.5"},
+            XFF,
+            "203.0.113.5",
+        ),
+        ("127.0.0.1", {"Forwarded": "for=185.213.2.7"}, XFF, "127.0.0.1"),
+        (
+            "127.0.0.1",
+            {"Forwarded": 'for="[2001:db8::7]:4711";proto=https'},
+            "forwarded",
+            "2001:db8::7",
+        ),
+        (
+            "127.0.0.1",
+            {"Forwarded": "for=185.213.2.7:1234, for=127.0.0.3", "X-Forwarded-For": "10.1.1.1"},
+            "forwarded",
+            "185.213.2.7",
+        ),
+        ("127.0.0.1", {"X-Forwarded-For": "garbage"}, XFF, "127.0.0.1"),
+        ("127.0.0.1", {"X-Forwarded-For": "185.213.2.7, garbage"}, XFF, "127.0.0.1"),
+        ("127.0.0.1", {}, XFF, "127.0.0.1"),
+        ("192.0.2.1", {"X-Forwarded-For": "185.213.2.7"}, XFF, "192.0.2.1"),
+        ("::ffff:127.0.0.1", {"X-Forwarded-For": "185.213.2.7"}, XFF, "185.213.2.7"),
     ],
     ids=[
         "xff",
         "xff-chain",
         "proxy-hop",
+        "xff-spoofed-left",
+        "forwarded-ignored",
+        "forwarded-only-ignored",
         "forwarded-v6",
         "forwarded-chain",
         "garbage",
+        "garbage-nearest",
         "none",
         "untrusted-peer",
+        "v4-mapped-peer",
     ],
 )
 def test_client_address_believes_only_trusted_proxies(
-    peer: str, headers: dict[str, str], expected: str
+    peer: str, headers: dict[str, str], header: ClientAddressHeader, expected: str
 ) -> None:
     trusted = [ip_network("127.0.0.0/8")]
-    assert client_address(peer, headers, trusted) == ip_address(expected)
+    assert client_address(peer, headers, trusted, header) == ip_address(expected)
+
+
+def test_every_x_forwarded_for_line_counts_in_order() -> None:
+    headers = CIMultiDictProxy(
+        CIMultiDict([("X-Forwarded-For", "185.213.2.7"), ("X-Forwarded-For", "203.0.113.5")])
+    )
+    trusted = [ip_network("127.0.0.0/8")]
+    assert client_address("127.0.0.1", headers, trusted) == ip_address("203.0.113.5")
+
+
+def test_failure_limit_counts_ipv6_clients_per_64() -> None:
+    one = limiter_key(ip_address("2001:db8:1:2::1"))
+    assert one == limiter_key(ip_address("2001:db8:1:2:ffff:ffff:ffff:ffff"))
+    assert one != limiter_key(ip_address("2001:db8:1:3::1"))
+    assert limiter_key(ip_address("192.0.2.1")) != limiter_key(ip_address("192.0.2.2"))
 
 
 async def test_allowed_networks_refuse_other_addresses_before_reading(
@@ -103,15 +147,39 @@ allowed_networks = ["10.0.0.0/8"]
     assert (await client.post("/flespi", data=BODY, headers=AUTH)).status == 403
 
 
-async def test_repeated_auth_failures_slow_the_address_down(receiver: ClientFactory) -> None:
+async def test_repeated_auth_failures_slow_wrong_tokens_never_the_right_one(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
     client = await receiver(extra="auth_failures_per_minute = 3")
     wrong = {"Authorization": "Bearer guess"}
     for _ in range(3):
         assert (await client.post("/flespi", data=BODY, headers=wrong)).status == 401
-    # now even the right token waits: the address is told when to come back
-    slowed = await client.post("/flespi", data=BODY, headers=AUTH)
+    # further wrong tokens are told when to come back
+    slowed = await client.post("/flespi", data=BODY, headers=wrong)
     assert slowed.status == 429
     assert 1 <= int(slowed.headers["Retry-After"]) <= 61
+    # the right token from the same address is stored all the same
+    assert (await client.post("/flespi", data=BODY, headers=AUTH)).status == 200
+    assert await count(db) == 1
+
+
+async def test_failure_limit_behind_a_proxy_counts_each_client_and_ipv6_per_64(
+    receiver: ClientFactory,
+) -> None:
+    client = await receiver(extra='auth_failures_per_minute = 2\ntrusted_proxies = ["127.0.0.1"]')
+
+    async def wrong_from(address: str) -> int:
+        headers = {"Authorization": "Bearer guess", "X-Forwarded-For": address}
+        return (await client.post("/flespi", data=BODY, headers=headers)).status
+
+    assert [await wrong_from("2001:db8:0:1::1"), await wrong_from("2001:db8:0:1::2")] == [401, 401]
+    # another address in the same /64 is the same client
+    assert await wrong_from("2001:db8:0:1::ffff") == 429
+    # another /64, another IPv4 client, and the proxy's other clients are not affected
+    assert await wrong_from("2001:db8:0:2::1") == 401
+    assert await wrong_from("203.0.113.5") == 401
+    right = {**AUTH, "X-Forwarded-For": "2001:db8:0:1::1"}
+    assert (await client.post("/flespi", data=BODY, headers=right)).status == 200
 
 
 async def test_https_with_a_certificate_made_for_the_test(

@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 
 from flespi_receiver.config import Settings, mask_url
+from flespi_receiver.connection import reply_headers
 from flespi_receiver.failures import DatabaseHealth
 from flespi_receiver.health import add_health_routes
 from flespi_receiver.ingest import AccessPolicy, Limits, StreamEndpoint, error_response
@@ -139,14 +140,21 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     add_health_routes(app)
     app.cleanup_ctx.append(pool_context(settings, dsn))
     app.cleanup_ctx.append(partition_upkeep(settings))
-    limits = Limits(settings.server.max_body_size, settings.server.body_timeout)
+    app.on_response_prepare.append(reply_headers)
     db = settings.database
     pool_limits = PoolLimits(db.acquire_timeout, db.command_timeout)
-    app[METRICS] = metrics = Metrics()
     server = settings.server
+    limits = Limits(
+        server.max_body_size,
+        server.body_timeout,
+        server.min_body_rate,
+        asyncio.Semaphore(server.bodies_in_flight),
+    )
+    app[METRICS] = metrics = Metrics()
     access = AccessPolicy(
         allowed_networks=list(server.allowed_networks),
         trusted_proxies=list(server.trusted_proxies),
+        client_address_header=server.client_address_header,
         limiter=FailureLimiter(server.auth_failures_per_minute),
     )
     app[ENDPOINTS] = {}
@@ -173,6 +181,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
 def create_metrics_app(metrics: Metrics) -> web.Application:
     """/metrics on a host and port of its own ([metrics] port set)."""
     app = web.Application()
+    app.on_response_prepare.append(reply_headers)
     app[METRICS] = metrics
     app.router.add_get("/metrics", metrics_handler)
     return app

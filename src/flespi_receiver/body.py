@@ -21,6 +21,8 @@ from flespi_receiver.errors import BodyIncomplete, BodyTimeout, BodyTooLarge
 CODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate"})
 # decompressed bytes handed on at a time, so that a bomb is stopped at max_size, not after
 _PIECE = 256 * 1024
+# seconds a body may take before min_rate applies (TCP slow start, a proxy's first buffer)
+MIN_RATE_GRACE = 5.0
 
 
 def content_coding(header: str | None) -> str | None:
@@ -98,14 +100,26 @@ class BodyReader:
     """Reads a body chunk by chunk and keeps what it read, so that it can also give the whole.
 
     `coding` is what `content_coding` returned; the size counts decompressed bytes, so a gzip
-    bomb is stopped at max_size. The time limit counts from the reader's creation.
+    bomb is stopped at max_size. The time limit counts from the reader's creation. With a
+    `min_rate` (bytes per second as sent, 0 = none), the body must also keep up: t seconds
+    after the start, at least min_rate * (t - MIN_RATE_GRACE) bytes must have arrived, else
+    BodyTimeout.
     """
 
-    def __init__(self, content: StreamReader, coding: str, max_size: int, timeout: float) -> None:
+    def __init__(
+        self,
+        content: StreamReader,
+        coding: str,
+        max_size: int,
+        timeout: float,
+        min_rate: int = 0,
+    ) -> None:
         self._content = content
         self._decoder = _Decoder(coding) if coding else None
         self._max_size = max_size
-        self._deadline = asyncio.get_running_loop().time() + timeout
+        self._started = asyncio.get_running_loop().time()
+        self._deadline = self._started + timeout
+        self._min_rate = min_rate
         self._chunks: list[bytes] = []
         self._complete = False
         self.received = 0  # bytes as sent
@@ -149,9 +163,16 @@ class BodyReader:
         self._chunks.append(chunk)
         return chunk
 
+    def _next_deadline(self) -> float:
+        """When the next data must have arrived, by the body timeout and the minimum rate."""
+        if not self._min_rate:
+            return self._deadline
+        keeping_up = self._started + MIN_RATE_GRACE + self.received / self._min_rate
+        return min(self._deadline, keeping_up)
+
     async def _receive(self) -> bytes:
         try:
-            async with asyncio.timeout_at(self._deadline):
+            async with asyncio.timeout_at(self._next_deadline()):
                 data = await self._content.readany()
         except TimeoutError:
             # not a TimeoutError: inside a COPY, asyncpg would take that for its own timeout

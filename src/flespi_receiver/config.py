@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     AfterValidator,
@@ -23,6 +23,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from flespi_receiver.config_sources import ENV_PREFIX, describe, merge, read_environment
+from flespi_receiver.database_url import database_passwords, mask_database_url, parse_database_url
 from flespi_receiver.errors import ConfigError
 from flespi_receiver.fields import MESSAGE_COLUMNS, names_in
 
@@ -48,19 +49,8 @@ def _channel(value: str) -> str:
 
 
 def _postgres_url(value: str) -> str:
-    if not value:
-        return value
-    parts = urlsplit(value)
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise ValueError(
-            "must start with postgresql:// (for example postgresql://user:pass@host:5432/db)"
-        )
-    if not parts.hostname and "host=" not in parts.query:
-        raise ValueError("must name a host (postgresql://user:pass@host:5432/db)")
-    try:
-        _ = parts.port
-    except ValueError as exc:
-        raise ValueError(f"has an invalid port: {exc}") from None
+    if value:
+        parse_database_url(value)  # its errors never quote the URL
     return value
 
 
@@ -73,11 +63,22 @@ class ServerSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     max_body_size: int = Field(64 * 1024 * 1024, ge=1024)
     body_timeout: float = Field(60.0, gt=0)
+    # bytes per second a body must keep up after its first MIN_RATE_GRACE seconds; 0 = off
+    min_body_rate: int = Field(8192, ge=0)
+    # bodies received or stored at the same time; more wait (acquire_timeout, then 503)
+    bodies_in_flight: int = Field(4, ge=1, le=1000)
+    # request line plus headers: at most this many bytes (431), within this many seconds (408)
+    max_header_size: int = Field(16384, ge=2048, le=1048576)
+    header_timeout: float = Field(10.0, gt=0)
+    # an idle kept-alive connection is closed after this many seconds
+    keepalive_timeout: float = Field(75.0, gt=0)
     shutdown_timeout: float = Field(30.0, gt=0)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     allowed_networks: list[IPvAnyNetwork] = Field(default_factory=list)
     trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list)
+    # which header a trusted proxy reports the client in; the other one is ignored
+    client_address_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     auth_failures_per_minute: int = Field(20, ge=0)
 
     @field_validator("tls_cert", "tls_key")
@@ -259,6 +260,26 @@ def config_path(cli_path: str | None) -> Path:
     return Path(cli_path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
 
 
+def _read_config_file(path: Path) -> str:
+    """The file's text; ConfigError when anyone may write it or it changes while being read."""
+    before = path.stat()
+    if before.st_mode & stat.S_IWOTH:
+        raise ConfigError(
+            f"{path} is writable by every user of this host, and it holds credentials; "
+            f"make it private: chmod o-w {path}"
+        )
+    data = path.read_bytes()
+    after = path.stat()
+    if (before.st_mtime_ns, before.st_size) != (after.st_mtime_ns, after.st_size) or len(
+        data
+    ) != after.st_size:
+        raise ConfigError(
+            f"{path} changed while it was read (still being written?); write the new file "
+            "next to it and rename it into place, then reload again"
+        )
+    return data.decode("utf-8")
+
+
 def load_settings(path: Path) -> Settings:
     """Read the TOML file (if it exists) and the `FLESPI_RECEIVER_*` environment over it;
     raise ConfigError naming the variable, or the file and key, of each bad value."""
@@ -266,7 +287,7 @@ def load_settings(path: Path) -> Settings:
     data: dict[str, Any] = {}
     if path.exists():
         try:
-            text = path.read_text(encoding="utf-8")
+            text = _read_config_file(path)
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         except OSError as exc:
@@ -290,13 +311,15 @@ def load_settings(path: Path) -> Settings:
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced, fit for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{netloc[1]}"))
+    """The URL with every password masked (`mask_database_url`), fit for logs and output."""
+    return mask_database_url(url)
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Every secret the settings hold: the streams' authorization values, the database
+    passwords; for `REDACTOR`, which keeps them out of the log."""
+    tokens = [v.get_secret_value() for s in settings.streams for v in s.authorization]
+    return tokens + database_passwords(settings.database.url.get_secret_value())
 
 
 def masked_view(settings: Settings) -> dict[str, Any]:

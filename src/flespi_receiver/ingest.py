@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,7 +20,15 @@ from flespi_receiver.errors import BatchRejected, BodyIncomplete, BodyTimeout, B
 from flespi_receiver.failures import DatabaseState, database_kind
 from flespi_receiver.fields import MessageFields
 from flespi_receiver.metrics import Metrics
-from flespi_receiver.network import Address, FailureLimiter, Network, allowed, client_address
+from flespi_receiver.network import (
+    Address,
+    ClientAddressHeader,
+    FailureLimiter,
+    Network,
+    allowed,
+    client_address,
+    limiter_key,
+)
 from flespi_receiver.pooled import PoolLimits, store_pooled
 from flespi_receiver.state import ACCEPTING, DATABASE_HEALTH, IN_FLIGHT, POOL
 from flespi_receiver.store import StoreResult
@@ -29,6 +39,8 @@ RETRY_AFTER_SECONDS = "5"
 BUG = "internal error; the batch was not stored"
 # Bodies declared larger than this are stored while they arrive (a 1000-message batch is ~1 MB)
 STREAMED_BODY = 64 * 1024
+# a proxy's request id is kept when it looks like one; anything else gets an id of our own
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,64}")
 
 
 class BatchReply(BaseModel):
@@ -41,8 +53,12 @@ class BatchReply(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """Per body: bytes after decompression, seconds, bytes per second; bodies at once."""
+
     max_body_size: int
     body_timeout: float
+    min_body_rate: int
+    bodies_in_flight: asyncio.Semaphore
 
 
 def json_response(status: int, body: dict[str, object], **headers: str) -> web.Response:
@@ -83,7 +99,15 @@ class AccessPolicy:
 
     allowed_networks: list[Network]
     trusted_proxies: list[Network]
+    client_address_header: ClientAddressHeader
     limiter: FailureLimiter
+
+
+def request_id(header: str | None) -> str:
+    """The proxy's `X-Request-Id` when it is short and plain, else a new random id."""
+    if header is not None and REQUEST_ID.fullmatch(header):
+        return header
+    return uuid.uuid4().hex[:16]
 
 
 class StreamEndpoint:
@@ -109,14 +133,24 @@ class StreamEndpoint:
         # one assignment: a request sees the old settings or the new ones, never a mix
         self.current = (stream, credentials)
         self.fields = MessageFields(stream.fields.in_effect())
+        self.removed = False
+
+    def remove(self) -> None:
+        """The stream was removed from the configuration (SIGHUP): its path answers 404."""
+        self.removed = True
 
     async def handle(self, request: web.Request) -> web.Response:
         """Answer one batch request; every reply, 500s included, is one `batch` log line."""
+        if self.removed:
+            return error_response(404, "no stream at this path (removed from the configuration)")
         started = time.perf_counter()
         stream, credentials = self.current
-        request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
-        client = client_address(request.remote, request.headers, self.access.trusted_proxies)
-        bound = log.bind(stream=stream.name, request_id=request_id, client=str(client))
+        rid = request_id(request.headers.get("X-Request-Id"))
+        access = self.access
+        client = client_address(
+            request.remote, request.headers, access.trusted_proxies, access.client_address_header
+        )
+        bound = log.bind(stream=stream.name, request_id=rid, client=str(client))
         failure: Exception | None = None
         try:
             with request.app[IN_FLIGHT]:
@@ -132,9 +166,12 @@ class StreamEndpoint:
         duration = time.perf_counter() - started
         self.metrics.requests.labels(stream.name, str(response.status)).inc()
         self.metrics.duration.labels(stream.name).observe(duration)
+        # 429s are counted, not logged one by one: a stranger's guessing must not fill the disk
         event = (
             bound.info
             if response.status == 200
+            else bound.debug
+            if response.status == 429
             else bound.error
             if response.status >= 500 and response.status != 503
             else bound.warning
@@ -151,7 +188,7 @@ class StreamEndpoint:
             **({"reason": _reason(response)} if response.status != 200 else {}),
             **({"exc_info": failure} if failure is not None else {}),
         )
-        response.headers["X-Request-Id"] = request_id
+        response.headers["X-Request-Id"] = rid
         return response
 
     async def _answer(
@@ -171,32 +208,50 @@ class StreamEndpoint:
             and allowed(client, list(stream.allowed_networks))
         ):
             return error_response(403, "address not allowed"), None, 0
-        key = str(client)
-        wait = self.access.limiter.retry_after(key)
-        if wait:
-            return (
-                error_response(
-                    429, "too many failed authentications", **{"Retry-After": str(wait)}
-                ),
-                None,
-                0,
-            )
         if credentials and not authorized(request.headers.get("Authorization"), credentials):
-            self.access.limiter.failed(key)
             self.metrics.auth_failures.labels(stream.name).inc()
+            # the right credentials always pass; only wrong ones are told to wait
+            key = limiter_key(client)
+            wait = self.access.limiter.retry_after(key)
+            if wait:
+                reply = error_response(
+                    429, "too many failed authentications", **{"Retry-After": str(wait)}
+                )
+                return reply, None, 0
+            self.access.limiter.failed(key)
             return error_response(401, "missing or wrong Authorization header"), None, 0
         coding = content_coding(request.headers.get("Content-Encoding"))
         refusal = self._refuse_headers(request, coding)
         if refusal is not None or coding is None:
             return refusal or self._unsupported(request), None, 0
         expect = request.headers.get("Expect")
-        if expect is not None:
-            if expect.strip().lower() != "100-continue":
-                return error_response(417, f"Expect {expect!r} is not supported"), None, 0
-            # everything that could refuse the request has had its say: now the body may come
+        if expect is not None and expect.strip().lower() != "100-continue":
+            return error_response(417, f"Expect {expect!r} is not supported"), None, 0
+        try:
+            # bodies are held in memory while they arrive and are stored: bound how many
+            async with asyncio.timeout(self.pool_limits.acquire_timeout):
+                await self.limits.bodies_in_flight.acquire()
+        except TimeoutError:
+            return self._busy(), None, 0
+        try:
+            return await self._receive_and_store(request, stream, coding, bound)
+        finally:
+            self.limits.bodies_in_flight.release()
+
+    async def _receive_and_store(
+        self,
+        request: web.Request,
+        stream: StreamSettings,
+        coding: str,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> tuple[web.Response, StoreResult | None, int]:
+        if request.headers.get("Expect") is not None:
+            # everything that could refuse the request has had its say and a slot for the body
+            # is free: now the body may come
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        limits = self.limits
         reader = BodyReader(
-            request.content, coding, self.limits.max_body_size, self.limits.body_timeout
+            request.content, coding, limits.max_body_size, limits.body_timeout, limits.min_body_rate
         )
         try:
             # a large body is stored as it arrives; a small one is read whole first
@@ -204,7 +259,11 @@ class StreamEndpoint:
             body = reader if large else await reader.read_all()
             response, result = await self._store(request, stream, body, bound)
         except BodyTimeout:
-            reply = error_response(408, f"body not received within {self.limits.body_timeout}s")
+            reply = error_response(
+                408,
+                f"body not received within server.body_timeout ({limits.body_timeout}s) or "
+                f"slower than server.min_body_rate ({limits.min_body_rate} bytes/s)",
+            )
             return _broken(reply), None, reader.received
         except BodyTooLarge:
             return _broken(self._too_large()), None, reader.received
@@ -223,6 +282,13 @@ class StreamEndpoint:
         encoding = request.headers.get("Content-Encoding", "")
         return error_response(
             415, f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none"
+        )
+
+    def _busy(self) -> web.Response:
+        return error_response(
+            503,
+            "too many bodies in flight (server.bodies_in_flight), retry later",
+            **{"Retry-After": RETRY_AFTER_SECONDS},
         )
 
     def _too_large(self) -> web.Response:

@@ -16,6 +16,7 @@ import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 
 from flespi_receiver.config import LogSettings
+from flespi_receiver.redact import REDACTOR
 
 # frames kept of a traceback: enough to find the cause, bounded so one line stays readable
 MAX_FRAMES = 30
@@ -34,10 +35,15 @@ def configure_logging(settings: LogSettings) -> None:
         transformer = ExceptionDictTransformer(show_locals=False, max_frames=MAX_FRAMES)
         rendering = [
             structlog.processors.ExceptionRenderer(transformer),
+            REDACTOR,  # after the exception became text: it may quote a token
             structlog.processors.JSONRenderer(serializer=_json),
         ]
     else:
-        rendering = [structlog.dev.ConsoleRenderer()]  # renders exceptions itself
+        rendering = [
+            structlog.processors.format_exc_info,
+            REDACTOR,
+            structlog.dev.ConsoleRenderer(),
+        ]
     level = logging.getLevelNamesMapping()[settings.level.upper()]
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,

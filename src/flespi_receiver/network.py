@@ -6,6 +6,9 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import Literal
+
+from multidict import CIMultiDictProxy
 
 Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
@@ -18,42 +21,70 @@ def _parse(value: str) -> Address | None:
     elif value.count(":") == 1:  # 192.0.2.1:4711
         value = value.split(":", 1)[0]
     try:
-        return ip_address(value)
+        address = ip_address(value)
     except ValueError:
         return None
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # ::ffff:192.0.2.1 from a dual-stack socket
+    return address
 
 
 def _in(address: Address, networks: Iterable[Network]) -> bool:
     return any(address in network for network in networks)
 
 
-def _forwarded_chain(headers: Mapping[str, str]) -> list[str]:
-    """Addresses a proxy chain reported, nearest last: RFC 7239 Forwarded, else X-Forwarded-For."""
-    forwarded = headers.get("Forwarded")
-    if forwarded:
-        chain = []
-        for element in forwarded.split(","):
+def _forwarded_for(headers: CIMultiDictProxy[str] | Mapping[str, str]) -> list[str]:
+    """The `for=` values of every RFC 7239 `Forwarded` header line, nearest hop last."""
+    chain = []
+    for line in _lines(headers, "Forwarded"):
+        for element in line.split(","):
             for pair in element.split(";"):
                 name, _, value = pair.strip().partition("=")
                 if name.lower() == "for":
                     chain.append(value)
-        return chain
-    return [part for part in headers.get("X-Forwarded-For", "").split(",") if part.strip()]
+    return chain
+
+
+def _x_forwarded_for(headers: CIMultiDictProxy[str] | Mapping[str, str]) -> list[str]:
+    """The addresses of every `X-Forwarded-For` header line, nearest hop last."""
+    return [
+        part
+        for line in _lines(headers, "X-Forwarded-For")
+        for part in line.split(",")
+        if part.strip()
+    ]
+
+
+def _lines(headers: CIMultiDictProxy[str] | Mapping[str, str], name: str) -> list[str]:
+    if isinstance(headers, CIMultiDictProxy):
+        return headers.getall(name, [])
+    value = headers.get(name)
+    return [value] if value is not None else []
+
+
+ClientAddressHeader = Literal["x-forwarded-for", "forwarded"]
 
 
 def client_address(
-    peer: str | None, headers: Mapping[str, str], trusted_proxies: list[Network]
+    peer: str | None,
+    headers: CIMultiDictProxy[str] | Mapping[str, str],
+    trusted_proxies: list[Network],
+    header: ClientAddressHeader = "x-forwarded-for",
 ) -> Address | None:
     """The address of the client: the peer itself, unless the peer is a trusted proxy.
 
-    Behind trusted proxies the forwarded chain is read from the nearest hop backwards and the
-    first address that is not itself a trusted proxy is the client. Headers from anyone else
-    are ignored, so a client can't claim another address.
+    Behind trusted proxies the client is the right-most address of `header` (all its lines
+    joined, in order) that is not itself a trusted proxy: each proxy appends the address it
+    saw, so everything left of the first untrusted address may be made up by the client.
+    Only `header` is read; the other one is ignored, whatever it claims. An unreadable hop
+    stops the walk at the last trusted address. Without trusted proxies in front, headers are
+    never read.
     """
     address = _parse(peer) if peer else None
     if address is None or not _in(address, trusted_proxies):
         return address
-    for hop in reversed(_forwarded_chain(headers)):
+    chain = _forwarded_for(headers) if header == "forwarded" else _x_forwarded_for(headers)
+    for hop in reversed(chain):
         forwarded = _parse(hop)
         if forwarded is None:
             return address  # an unreadable hop: trust nothing beyond the proxy we know
@@ -61,6 +92,16 @@ def client_address(
             return forwarded
         address = forwarded
     return address
+
+
+def limiter_key(address: Address | None) -> str:
+    """What the failure limit counts: an IPv4 address, or the /64 an IPv6 address is in.
+
+    One IPv6 host usually owns a whole /64 and can pick any address in it.
+    """
+    if isinstance(address, IPv6Address):
+        return str(IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def allowed(address: Address | None, networks: list[Network]) -> bool:
@@ -71,7 +112,8 @@ def allowed(address: Address | None, networks: list[Network]) -> bool:
 
 
 class FailureLimiter:
-    """Counts failed authentications per address; too many in a minute and the address waits.
+    """Counts failed authentications per key (`limiter_key`); too many in a minute and further
+    wrong credentials from that key get 429 instead of 401. The right credentials always pass.
 
     Bounded: it remembers at most `max_addresses` addresses, forgetting the oldest first.
     """
@@ -92,7 +134,7 @@ class FailureLimiter:
         return failures
 
     def retry_after(self, key: str) -> int:
-        """Seconds this address must wait before its credentials are checked again, or 0."""
+        """Seconds until this key's failures drop below the limit, or 0 when below it."""
         if self.per_minute <= 0:
             return 0
         now = time.monotonic()

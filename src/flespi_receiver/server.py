@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 import ssl
 from pathlib import Path
@@ -11,9 +12,17 @@ import structlog
 from aiohttp import web
 
 from flespi_receiver.app import create_app, create_metrics_app
-from flespi_receiver.config import ServerSettings, Settings, load_settings, mask_url
+from flespi_receiver.config import (
+    ServerSettings,
+    Settings,
+    load_settings,
+    mask_url,
+    secret_values,
+)
 from flespi_receiver.config_diff import settings_needing_restart
+from flespi_receiver.connection import HeaderLimits, ReceiverRunner
 from flespi_receiver.errors import ConfigError
+from flespi_receiver.redact import REDACTOR
 from flespi_receiver.state import ACCEPTING, ENDPOINTS, IN_FLIGHT, METRICS
 
 log = structlog.get_logger("flespi_receiver.server")
@@ -21,7 +30,21 @@ log = structlog.get_logger("flespi_receiver.server")
 # seconds aiohttp gives what is left after the drain (requests that outlived shutdown_timeout)
 AFTER_DRAIN = 1.0
 # keys a SIGHUP can change; anything else needs a restart
-RELOADABLE = "streams[].authorization, streams[].allowed_networks, server.tls_cert/tls_key"
+RELOADABLE = (
+    "streams[].authorization, streams[].allowed_networks, server.tls_cert/tls_key, streams removed"
+)
+
+
+def raise_file_limit() -> int:
+    """Raise the soft limit of open files to the hard one (one per connection); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # an unlimited hard limit some kernels refuse as soft
+            pass
+    return soft
 
 
 def tls_context(server: ServerSettings) -> ssl.SSLContext | None:
@@ -33,29 +56,46 @@ def tls_context(server: ServerSettings) -> ssl.SSLContext | None:
     return context
 
 
+def _validated(config: Path, current: Settings, context: ssl.SSLContext | None) -> Settings:
+    """The new settings, checked completely before anything changes; ConfigError if any part
+    can't be applied now (invalid, unsafe file, a setting that needs a restart, TLS files)."""
+    new = load_settings(config)
+    REDACTOR.add(secret_values(new))
+    names = {stream.name for stream in new.streams}
+    # a removed stream is applied (it stops accepting); any other change must be reloadable
+    kept = current.model_copy(update={"streams": [s for s in current.streams if s.name in names]})
+    restart = settings_needing_restart(kept, new)
+    if restart:
+        raise ConfigError(f"these settings change only on restart: {', '.join(restart)}")
+    if context is not None and new.server.tls_cert and new.server.tls_key:
+        try:
+            tls_context(new.server)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"TLS files refused: {exc}") from None
+    return new
+
+
 def reload(
     app: web.Application, config: Path, current: Settings, context: ssl.SSLContext | None
 ) -> Settings:
-    """Apply a re-read config's credentials and certificates; keep the old config if invalid."""
+    """Apply a re-read config all or nothing: credentials, networks, certificates, and streams
+    removed; when any part can't be applied, nothing is and the old settings stay."""
     try:
-        new = load_settings(config)
+        new = _validated(config, current, context)
     except ConfigError as exc:
         log.error("reload refused: the old configuration stays", error=str(exc))
         return current
     endpoints = app[ENDPOINTS]
-    restart = settings_needing_restart(current, new)
-    if restart:
-        log.warning("reload: these settings change only on restart", settings=restart)
+    names = {stream.name for stream in new.streams}
     for stream in new.streams:
-        if stream.name in endpoints:
-            endpoints[stream.name].reload(stream)
+        endpoints[stream.name].reload(stream)
+    removed = sorted(name for name in endpoints if name not in names)
+    for name in removed:
+        endpoints[name].remove()
     if context is not None and new.server.tls_cert and new.server.tls_key:
-        try:
-            # new connections get the new certificate; open ones keep theirs
-            context.load_cert_chain(new.server.tls_cert, new.server.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            log.error("reload: TLS files refused, the old certificate stays", error=str(exc))
-    log.info("configuration reloaded", reloadable=RELOADABLE)
+        # new connections get the new certificate; open ones keep theirs
+        context.load_cert_chain(new.server.tls_cert, new.server.tls_key)
+    log.info("configuration reloaded", reloadable=RELOADABLE, removed_streams=removed)
     return new
 
 
@@ -68,8 +108,16 @@ async def serve_app(settings: Settings, dsn: str, config: Path) -> None:
     are read to the end and answered, for up to server.shutdown_timeout seconds.
     """
     app = create_app(settings, dsn)
-    runners = [
-        web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=AFTER_DRAIN)
+    server = settings.server
+    runners: list[web.AppRunner] = [
+        ReceiverRunner(
+            app,
+            header_limits=HeaderLimits(server.max_header_size, server.header_timeout),
+            keepalive_timeout=server.keepalive_timeout,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=AFTER_DRAIN,
+        )
     ]
     context = tls_context(settings.server)
     stop = asyncio.Event()
@@ -98,6 +146,7 @@ async def serve_app(settings: Settings, dsn: str, config: Path) -> None:
         log.info(
             "serving",
             address=site.name,
+            open_files_limit=raise_file_limit(),
             streams={s.name: s.path for s in settings.streams},
             database=mask_url(dsn),
         )

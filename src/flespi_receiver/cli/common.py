@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import asyncpg
 
-from flespi_receiver.config import Settings, config_path, load_settings
+from flespi_receiver.config import Settings, config_path, load_settings, secret_values
 from flespi_receiver.database import Database, connect, open_database
 from flespi_receiver.errors import CommandFailed
 from flespi_receiver.log import configure_logging
+from flespi_receiver.redact import REDACTOR
 
 if TYPE_CHECKING:
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -65,6 +66,7 @@ def load(args: argparse.Namespace) -> tuple[Settings, Path]:
     path = config_path(args.config)
     settings = load_settings(path)
     configure_logging(settings.log)
+    REDACTOR.add(secret_values(settings))
     return settings, path
 
 

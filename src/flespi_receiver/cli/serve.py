@@ -9,6 +9,8 @@ from pathlib import Path
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command, load
 from flespi_receiver.config import Settings
 from flespi_receiver.database import Database, apply_migrations, open_database
+from flespi_receiver.database_url import database_passwords
+from flespi_receiver.redact import REDACTOR
 from flespi_receiver.server import serve_app
 
 
@@ -44,5 +46,6 @@ async def serve(settings: Settings, database: Database, config: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     settings, config = load(args)
     with open_database(settings, exclusive=True) as database:
+        REDACTOR.add(database_passwords(database.url))  # the embedded server's too
         asyncio.run(serve(settings, database, config))
     return EXIT_OK

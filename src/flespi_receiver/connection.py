@@ -1,0 +1,194 @@
+"""HTTP connections that cost a stranger's sender, not the receiver: header limits and timeouts.
+
+aiohttp limits each header line but not the headers as a whole, has no time limit for them,
+keeps idle connections for an hour and reads (and decompresses) a refused body for up to 10 s
+after the reply. The runner built here closes all of those doors:
+
+- the request line and headers together may take at most `max_header_size` bytes (else 431)
+  and must arrive within `header_timeout` seconds of the connection's start, or of the first
+  byte of a following request on a kept-alive connection (else 408); either way the
+  connection is closed;
+- an idle kept-alive connection is closed after `keepalive_timeout` seconds;
+- a reply sent without reading the whole body (401, 403, 413, 415, 429, 408 ...) closes the
+  connection at once: the rest of the body is never read (no lingering close);
+- the `Server` header says `flespi-receiver`, without versions (`reply_headers`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+SERVER_NAME = "flespi-receiver"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderLimits:
+    """Bytes and seconds the request line and headers of one request may take."""
+
+    max_size: int
+    timeout: float
+
+
+def _raw_reply(status: int, reason: str, error: str) -> bytes:
+    body = orjson.dumps({"error": error})
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nServer: {SERVER_NAME}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's connection handler with a byte budget and a deadline for the headers."""
+
+    def __init__(self, manager: web.Server, *, header_limits: HeaderLimits, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_limits = header_limits
+        self._awaiting_headers = True
+        self._header_bytes = 0
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        requests_before = self._request_count
+        super().data_received(data)
+        if not self._awaiting_headers:
+            return
+        if self._request_count != requests_before:  # the headers are complete
+            self._awaiting_headers = False
+            self._disarm_header_timer()
+            return
+        self._header_bytes += len(data)
+        if self._header_bytes > self._header_limits.max_size:
+            self._refuse(
+                431,
+                "Request Header Fields Too Large",
+                f"request headers are larger than {self._header_limits.max_size} bytes",
+            )
+        elif data and self._header_timer is None:
+            self._arm_header_timer()
+
+    async def _handle_request(
+        self,
+        request: BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super()._handle_request(request, start_time, request_handler)
+        finally:
+            # the next request on this connection gets its own budget; its clock starts with
+            # its first byte (until then the keep-alive timeout applies). A body left unread
+            # closes the connection instead (no lingering), so there is no next request.
+            if request.content.at_eof():
+                self._awaiting_headers = True
+                self._header_bytes = 0
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)
+        response.headers["Server"] = SERVER_NAME
+        return response
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self._loop.call_later(
+            self._header_limits.timeout, self._headers_too_slow
+        )
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self._awaiting_headers:
+            self._refuse(
+                408,
+                "Request Timeout",
+                f"request headers not received within {self._header_limits.timeout}s",
+            )
+
+    def _refuse(self, status: int, reason: str, error: str) -> None:
+        self._disarm_header_timer()
+        self._awaiting_headers = False
+        if self.transport is not None:
+            self.transport.write(_raw_reply(status, reason, error))
+        self.force_close()  # the transport sends what was written, then closes
+
+
+class GuardedServer(web.Server):
+    """A `web.Server` whose connections are `GuardedRequestHandler`s."""
+
+    def __init__(self, template: web.Server, header_limits: HeaderLimits) -> None:
+        # the same handler, request factory and keyword arguments as the server aiohttp made
+        kwargs: dict[str, Any] = dict(template._kwargs)
+        super().__init__(
+            template.request_handler,
+            request_factory=template.request_factory,
+            handler_cancellation=template.handler_cancellation,
+            loop=template._loop,
+            **kwargs,
+        )
+        self._header_limits = header_limits
+
+    def __call__(self) -> RequestHandler:
+        return GuardedRequestHandler(
+            self, loop=self._loop, header_limits=self._header_limits, **self._kwargs
+        )
+
+
+class ReceiverRunner(web.AppRunner):
+    """An AppRunner serving through `GuardedServer` with the receiver's connection limits."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        header_limits: HeaderLimits,
+        keepalive_timeout: float,
+        **kwargs: Any,
+    ) -> None:
+        line = min(header_limits.max_size, 8190)
+        super().__init__(
+            app,
+            keepalive_timeout=keepalive_timeout,
+            # a body not read by the handler is not read at all: the connection closes
+            lingering_time=0,
+            max_line_size=line,
+            max_field_size=line,
+            max_headers=100,
+            **kwargs,
+        )
+        self._header_limits = header_limits
+
+    async def _make_server(self) -> web.Server:
+        return GuardedServer(await super()._make_server(), self._header_limits)
+
+
+async def reply_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: `Server` without versions; `Connection: close` when the body was
+    not read (the connection closes, so the client should not wait to reuse it)."""
+    response.headers["Server"] = SERVER_NAME
+    if request.body_exists and not request.content.at_eof():
+        response.force_close()
+        response.headers["Connection"] = "close"  # the hook runs after aiohttp wrote its own

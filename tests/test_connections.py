@@ -1,0 +1,357 @@
+"""A stranger costs nothing: refused bodies are not read, headers and idle connections are
+bounded in bytes and time, and no header can change a reply. Real sockets, a real receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import time
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+
+from flespi_receiver.embedded import free_port
+
+from helpers import (
+    TOKEN,
+    config_file,
+    count,
+    flespi_message,
+    log_events,
+    receiver_process,
+    wait_until_serving,
+)
+
+BODY = orjson.dumps([flespi_message(1)])
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Served:
+    port: int
+    process: subprocess.Popen[bytes]
+    config: Path
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+    def memory_kib(self, field: str = "VmRSS") -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise AssertionError(field)
+
+    def connect(self) -> socket.socket:
+        raw = socket.create_connection(("127.0.0.1", self.port))
+        raw.settimeout(10)
+        return raw
+
+
+@asynccontextmanager
+async def serving(
+    tmp_path: Path, database_url: str, server: str = "", acquire_timeout: float = 2, pool: int = 4
+) -> AsyncIterator[Served]:
+    """`flespi-receiver serve` in its own process, with `server` lines added to [server]."""
+    port = free_port()
+    config = config_file(tmp_path, database_url, port)
+    text = config.read_text().replace("[server]\n", f"[server]\n{server}\n", 1)
+    database = f"acquire_timeout = {acquire_timeout}\npool_size = {pool}\n"
+    config.write_text(text.replace("acquire_timeout = 2\n", database))
+    with receiver_process(config) as process:
+        await wait_until_serving(port, process)
+        yield Served(port, process, config)
+
+
+def read_reply(raw: socket.socket) -> bytes:
+    """Everything the receiver sends until it closes the connection."""
+    data = b""
+    while chunk := raw.recv(65536):
+        data += chunk
+    return data
+
+
+def status_of(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1])
+
+
+def endless_gzip(seconds: float) -> Iterator[bytes]:
+    """Chunks of a gzip stream of zeros (about 1000:1) for `seconds`."""
+    compressor = zlib.compressobj(wbits=31)
+    zeros = bytes(1024 * 1024)
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        data = compressor.compress(zeros) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        yield f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def send_until_closed(raw: socket.socket, chunks: Iterator[bytes]) -> tuple[int, float]:
+    """Send until the receiver closes the connection: (bytes sent, seconds it took)."""
+    started, sent = time.monotonic(), 0
+    try:
+        for chunk in chunks:
+            raw.sendall(chunk)
+            sent += len(chunk)
+    except OSError:  # reset or broken pipe: the receiver closed the connection
+        return sent, time.monotonic() - started
+    return sent, float("inf")
+
+
+async def test_a_refused_gzip_stream_is_not_read_nor_inflated(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    async with serving(tmp_path, database_url) as served:
+        raw = served.connect()
+        raw.sendall(
+            b"POST /flespi HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        cpu = served.cpu_seconds()
+        sent, seconds = await asyncio.to_thread(send_until_closed, raw, endless_gzip(5))
+        used = served.cpu_seconds() - cpu
+        raw.close()
+        # the receiver closed the connection at once instead of inflating gigabytes for 10 s
+        assert seconds < 2, f"the stranger could send {sent} bytes for {seconds:.1f}s"
+        assert used < 0.5, f"the refused stream cost {used:.2f}s of CPU"
+        # the stream itself is not affected
+        assert await store_one(served) == 200
+    assert await count(db) == 1
+
+
+async def store_one(served: Served) -> int:
+    raw = served.connect()
+    raw.sendall(
+        b"POST /flespi HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: "
+        + TOKEN.encode()
+        + f"\r\nContent-Length: {len(BODY)}\r\n\r\n".encode()
+        + BODY
+    )
+    try:
+        return status_of(await asyncio.to_thread(read_reply, raw))
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        (b"", 401),
+        (
+            b"Authorization: "
+            + TOKEN.encode()
+            + b"\r\nContent-Encoding: compress\r\nContent-Length: 1000000\r\n",
+            415,
+        ),
+        (b"Authorization: " + TOKEN.encode() + b"\r\nContent-Length: 999999999\r\n", 413),
+    ],
+    ids=["401", "415", "413"],
+)
+async def test_a_refused_body_closes_the_connection_unread(
+    tmp_path: Path, database_url: str, headers: bytes, status: int
+) -> None:
+    async with serving(tmp_path, database_url) as served:
+        raw = served.connect()
+        length = b"" if b"Content-Length" in headers else b"Content-Length: 999999999\r\n"
+        raw.sendall(b"POST /flespi HTTP/1.1\r\nHost: x\r\n" + headers + length + b"\r\n")
+        raw.sendall(b"[" * 100_000)
+        reply = await asyncio.to_thread(read_reply, raw)
+        raw.close()
+        assert status_of(reply) == status
+        assert b"Connection: close" in reply
+
+
+async def test_headers_beyond_the_size_limit_get_431_and_the_connection_closes(
+    tmp_path: Path, database_url: str
+) -> None:
+    async with serving(tmp_path, database_url, "max_header_size = 4096") as served:
+        raw = served.connect()
+        raw.sendall(b"POST /flespi HTTP/1.1\r\nHost: x\r\n")
+        for i in range(10):
+            raw.sendall(f"X-Filler-{i}: {'a' * 500}\r\n".encode())
+        reply = await asyncio.to_thread(read_reply, raw)
+        raw.close()
+        assert status_of(reply) == 431
+        assert b"Server: flespi-receiver\r\n" in reply
+
+
+async def test_headers_slower_than_the_time_limit_get_408_and_the_connection_closes(
+    tmp_path: Path, database_url: str
+) -> None:
+    async with serving(tmp_path, database_url, "header_timeout = 1") as served:
+        raw = served.connect()
+        started = time.monotonic()
+        raw.sendall(b"POST /flespi HTTP/1.1\r\nHost: x\r\n")
+        reply = await asyncio.to_thread(read_reply, raw)
+        raw.close()
+        assert status_of(reply) == 408
+        assert 0.9 < time.monotonic() - started < 3
+        # a connection that never sends a byte is closed as well
+        silent = served.connect()
+        assert await asyncio.to_thread(read_reply, silent) != b""
+        silent.close()
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(
+    tmp_path: Path, database_url: str
+) -> None:
+    async with serving(tmp_path, database_url, "keepalive_timeout = 1") as served:
+        raw = served.connect()
+        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = raw.recv(65536)
+        assert status_of(first) == 200
+        started = time.monotonic()
+        assert await asyncio.to_thread(raw.recv, 65536) == b""  # closed by the receiver
+        assert time.monotonic() - started < 3
+        raw.close()
+
+
+async def test_many_unfinished_headers_hold_a_few_kilobytes_each(
+    tmp_path: Path, database_url: str
+) -> None:
+    connections = 200
+    async with serving(tmp_path, database_url, "header_timeout = 30") as served:
+        before = served.memory_kib()
+        held = []
+        for i in range(connections):
+            raw = served.connect()
+            # just under the default 16 KB budget, and never finished
+            raw.sendall(b"POST /flespi HTTP/1.1\r\nHost: x\r\n")
+            for line in range(15):
+                raw.sendall(f"X-Filler-{i}-{line}: {'b' * 1000}\r\n".encode())
+            held.append(raw)
+        await asyncio.sleep(0.5)
+        grown = served.memory_kib() - before
+        assert served.process.poll() is None
+        # the stream still gets through while they hang
+        assert await store_one(served) == 200
+        for raw in held:
+            raw.close()
+    assert grown / connections < 64, f"{grown} KiB for {connections} connections"
+
+
+async def test_no_version_banner_in_any_reply(tmp_path: Path, database_url: str) -> None:
+    async with serving(tmp_path, database_url) as served:
+        for request in (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"POST /flespi HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"BREW /flespi HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        ):
+            raw = served.connect()
+            raw.sendall(request)
+            reply = await asyncio.to_thread(read_reply, raw)
+            raw.close()
+            head = reply.split(b"\r\n\r\n", 1)[0].lower()
+            assert b"\r\nserver: flespi-receiver" in head, head
+            assert b"python" not in head
+            assert b"aiohttp" not in head
+
+
+async def test_an_invalid_utf8_request_id_cannot_change_a_stored_batch_reply(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    async with serving(tmp_path, database_url) as served:
+        for authorization in (TOKEN.encode(), b"Bearer wrong"):
+            raw = served.connect()
+            raw.sendall(
+                b"POST /flespi HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"X-Request-Id: \xff\xfe\xfd\r\nAuthorization: "
+                + authorization
+                + f"\r\nContent-Length: {len(BODY)}\r\n\r\n".encode()
+                + BODY
+            )
+            reply = await asyncio.to_thread(read_reply, raw)
+            raw.close()
+            assert status_of(reply) == (200 if authorization == TOKEN.encode() else 401)
+            request_id = reply.split(b"X-Request-Id: ", 1)[1].split(b"\r\n", 1)[0]
+            assert len(request_id) == 16
+            assert request_id.isalnum()
+        served.process.terminate()
+        served.process.wait(20)
+    assert await count(db) == 1
+    batches = [e for e in log_events(served.config) if e["event"] == "batch"]
+    assert [e["status"] for e in batches] == [200, 401]
+    assert all(e["level"] != "error" for e in log_events(served.config))
+
+
+def chunked_gzip_upload(port: int, body: bytes) -> int:
+    """POST `body` gzip-compressed and chunked (no Content-Length); the reply's status."""
+    compressed = zlib.compress(body, wbits=31)
+    raw = socket.create_connection(("127.0.0.1", port))
+    raw.settimeout(60)
+    try:
+        raw.sendall(
+            b"POST /flespi HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: "
+            + TOKEN.encode()
+            + b"\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        for i in range(0, len(compressed), 16384):
+            piece = compressed[i : i + 16384]
+            raw.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        raw.sendall(b"0\r\n\r\n")
+        return status_of(read_reply(raw))
+    finally:
+        raw.close()
+
+
+async def test_chunked_gzip_bodies_in_flight_are_bounded(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    uploads, in_flight = 8, 2
+    # ~3 MB of JSON each, ~70 KB on the wire, without Content-Length
+    body = orjson.dumps([flespi_message(i, filler="x" * 400) for i in range(4000)])
+    server = f"bodies_in_flight = {in_flight}\nmax_body_size = {8 * 1024 * 1024}"
+    async with serving(tmp_path, database_url, server, acquire_timeout=30) as served:
+        before = served.memory_kib()
+        statuses = await asyncio.gather(
+            *(asyncio.to_thread(chunked_gzip_upload, served.port, body) for _ in range(uploads))
+        )
+        peak = (served.memory_kib("VmHWM") - before) * 1024
+    assert statuses == [200] * uploads
+    assert await count(db) == 4000
+    # a body in flight costs its bytes plus the decoded batch (measured: ~15x the JSON of
+    # these messages); all eight at once would need about three times this
+    assert peak < in_flight * 25 * len(body), f"peak {peak >> 20} MiB"
+
+
+async def test_a_sender_slower_than_the_minimum_rate_gets_408_and_frees_the_pool(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    server = "min_body_rate = 10000"
+    async with serving(tmp_path, database_url, server, acquire_timeout=9, pool=1) as served:
+        # one pool connection, held by a body over 64 KB that trickles in
+        slow = served.connect()
+        slow.sendall(
+            b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: "
+            + TOKEN.encode()
+            + b"\r\nContent-Length: 1000000\r\n\r\n["
+        )
+        started = time.monotonic()
+
+        async def trickle() -> None:
+            with contextlib.suppress(OSError):
+                for _ in range(100):
+                    await asyncio.sleep(0.1)
+                    slow.sendall(b" " * 50)
+
+        trickling = asyncio.create_task(trickle())
+        stored = await store_one(served)
+        reply = await asyncio.to_thread(read_reply, slow)
+        took = time.monotonic() - started
+        trickling.cancel()
+        slow.close()
+    assert status_of(reply) == 408
+    assert b"min_body_rate" in reply
+    assert took < 8
+    # the other batch waited for the pool connection and was stored
+    assert stored == 200
+    assert await count(db) == 1

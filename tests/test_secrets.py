@@ -1,0 +1,160 @@
+"""No secret is printed: database URLs in every form asyncpg and libpq read, tokens inside
+malformed header lines, and every log line (the libraries' included) is one JSON object."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+import pytest
+
+from flespi_receiver.database_url import MASK, mask_database_url, parse_database_url
+from flespi_receiver.embedded import free_port
+
+from helpers import (
+    SCRIPT,
+    TOKEN,
+    config_file,
+    log_of,
+    receiver_process,
+    wait_until_serving,
+)
+
+SECRET = "S3cr3tPw"
+
+READABLE = {
+    "userinfo": f"postgresql://flespi:{SECRET}@db.example.com:5432/flespi",
+    "postgres-scheme": f"postgres://flespi:{SECRET}@db.example.com/flespi",
+    "encoded-slash": f"postgresql://flespi:{SECRET}%2Fx@db.example.com/flespi",
+    "encoded-hash-and-at": f"postgresql://flespi:{SECRET}%23%40@db.example.com/flespi",
+    "query-password": f"postgresql://flespi@db.example.com/flespi?password={SECRET}",
+    "query-sslpassword": (
+        f"postgresql://flespi@db.example.com/flespi?sslmode=require&sslpassword={SECRET}"
+    ),
+    "socket-host-in-query": f"postgresql:///flespi?host=/run/postgresql&password={SECRET}",
+    "encoded-parameter-name": f"postgresql://flespi@db.example.com/flespi?pass%77ord={SECRET}",
+    "twice": f"postgresql://u:{SECRET}@h/db?password={SECRET}&password={SECRET}",
+    "multi-host": f"postgresql://flespi:{SECRET}@h1:5432,h2:5433/flespi",
+    "ipv6": f"postgresql://flespi:{SECRET}@[2001:db8::1]:5432/flespi",
+    "empty-user": f"postgresql://:{SECRET}@db.example.com/flespi",
+}
+UNREADABLE = {
+    "unencoded-slash": f"postgresql://flespi:{SECRET[:4]}/{SECRET[4:]}@db.example.com/flespi",
+    "unencoded-hash": f"postgresql://flespi:{SECRET[:4]}#{SECRET[4:]}@db.example.com/flespi",
+    "unencoded-at": f"postgresql://flespi:{SECRET[:4]}@{SECRET[4:]}@db.example.com/flespi",
+    "unencoded-question-mark": f"postgresql://flespi:{SECRET[:4]}?{SECRET[4:]}@db.example.com/x",
+    "query-without-equals": f"postgresql://flespi@db.example.com/flespi?{SECRET}",
+}
+
+
+def leaks(text: str) -> bool:
+    """Any piece of the secret, as written or split by a bad URL."""
+    return any(piece in text for piece in (SECRET, SECRET[:4], SECRET[4:]))
+
+
+@pytest.mark.parametrize("url", READABLE.values(), ids=READABLE.keys())
+def test_every_readable_url_form_is_masked(url: str) -> None:
+    masked = mask_database_url(url)
+    assert not leaks(masked), masked
+    assert MASK in masked
+    parse_database_url(url)  # accepted by the configuration
+
+
+@pytest.mark.parametrize("url", UNREADABLE.values(), ids=UNREADABLE.keys())
+def test_an_unreadable_url_is_refused_without_quoting_it(url: str) -> None:
+    with pytest.raises(ValueError, match="postgresql://") as refused:
+        parse_database_url(url)
+    assert not leaks(str(refused.value))
+    assert not leaks(mask_database_url(url))
+
+
+def test_masking_keeps_what_is_not_secret() -> None:
+    url = "postgresql://flespi:pw@db.example.com:5432/flespi?sslmode=require&password=pw"
+    assert mask_database_url(url) == (
+        f"postgresql://flespi:{MASK}@db.example.com:5432/flespi?sslmode=require&password={MASK}"
+    )
+    assert mask_database_url("postgresql://flespi@h/db") == "postgresql://flespi@h/db"
+
+
+def check_config(tmp_path: Path, url: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "check.toml"
+    config.write_text(
+        '[[streams]]\nname = "main"\npath = "/flespi"\nauthorization = ["Bearer x1"]\n'
+    )
+    return subprocess.run(
+        [str(SCRIPT), "check-config", "--config", str(config)],
+        env={**os.environ, "FLESPI_RECEIVER_DATABASE__URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("form", ["userinfo", "query-password", "socket-host-in-query"])
+def test_check_config_prints_no_password(tmp_path: Path, form: str) -> None:
+    done = check_config(tmp_path, READABLE[form])
+    assert done.returncode == 0, done.stderr
+    assert not leaks(done.stdout + done.stderr)
+    assert MASK in orjson.loads(done.stdout)["database"]["url"]
+
+
+@pytest.mark.parametrize("form", ["unencoded-slash", "unencoded-hash", "unencoded-at"])
+def test_check_config_refuses_an_unreadable_url_without_echoing_it(
+    tmp_path: Path, form: str
+) -> None:
+    done = check_config(tmp_path, UNREADABLE[form])
+    assert done.returncode == 2
+    assert "percent-encoded" in done.stderr
+    assert not leaks(done.stdout + done.stderr)
+
+
+def with_password_in_query(url: str) -> tuple[str, str]:
+    """The test database's URL with its password moved into ?password=, and that password."""
+    parts = urlsplit(url)
+    assert parts.password
+    netloc = f"{parts.username}@{parts.hostname}:{parts.port}"
+    query = f"password={parts.password}"
+    return urlunsplit(parts._replace(netloc=netloc, query=query)), parts.password
+
+
+BAD_LINES = {
+    "nul": b"Authorization: " + TOKEN.encode() + b"\x00\r\n",
+    "bare-cr": b"Authorization: " + TOKEN.encode() + b"\rX-Other: 1\r\n",
+    "vertical-tab": b"Authorization: " + TOKEN.encode() + b"\x0b\r\n",
+    "obs-fold": b"Authorization: " + TOKEN.encode() + b"\r\n x\r\n",
+    "bare-lf": b"X-First: 1\nAuthorization: " + TOKEN.encode() + b"\x7f\r\n",
+}
+
+
+async def test_no_secret_in_the_log_and_every_line_is_json(
+    tmp_path: Path, database_url: str
+) -> None:
+    url, password = with_password_in_query(database_url)
+    port = free_port()
+    config = config_file(tmp_path, url, port)
+    with receiver_process(config) as process:
+        await wait_until_serving(port, process)
+        for line in BAD_LINES.values():
+            raw = socket.create_connection(("127.0.0.1", port))
+            raw.settimeout(5)
+            raw.sendall(
+                b"POST /flespi HTTP/1.1\r\nHost: x\r\n" + line + b"Content-Length: 2\r\n\r\n[]"
+            )
+            reply = await asyncio.to_thread(raw.recv, 65536)
+            raw.close()
+            assert reply.startswith(b"HTTP/1.1 400") or reply.startswith(b"HTTP/1.0 400"), reply
+        process.terminate()
+        assert process.wait(20) == 0
+    text = log_of(config).read_text()
+    events = [orjson.loads(line) for line in text.splitlines()]  # each line is one JSON object
+    assert any(e["event"] == "serving" for e in events)
+    assert sum(1 for e in events if e.get("logger") == "aiohttp.server") >= len(BAD_LINES) - 1
+    token = TOKEN.split(" ", 1)[1]
+    assert token not in text
+    assert password not in text
