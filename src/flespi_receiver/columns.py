@@ -18,6 +18,8 @@ from flespi_receiver.store import Connection
 log = structlog.get_logger("flespi_receiver.columns")
 
 VIEW = "messages_typed"
+# what readers that take every row once page by (schema/0007_read_position.sql)
+READ_POSITION_INDEX = "messages_xact_id"
 CONVERSIONS = {
     "text": "json_text",
     "bigint": "json_bigint",
@@ -47,7 +49,8 @@ def view_sql(columns: list[ColumnSettings]) -> str:
 
 
 async def apply_columns(conn: Connection, columns: list[ColumnSettings]) -> None:
-    """Make `messages_typed` and the requested indexes match the configuration."""
+    """Make `messages_typed` and the indexes on messages match the configuration: those of
+    the typed columns, and the one on xact_id that readers page by (docs/sql.md)."""
     async with conn.transaction():
         await conn.execute(LOCK)
         try:
@@ -58,6 +61,7 @@ async def apply_columns(conn: Connection, columns: list[ColumnSettings]) -> None
             await conn.execute(f"DROP VIEW {VIEW}")
             await conn.execute(view_sql(columns))
     existing = {row[0] for row in await conn.fetch(EXISTING_INDEXES)}
+    await ensure_index(conn, READ_POSITION_INDEX, "xact_id")
     for column in columns:
         if column.index:
             await ensure_index(conn, f"messages_typed_{column.name}", f"({expression(column)})")
