@@ -187,3 +187,25 @@ async def test_a_database_whose_datestyle_is_not_iso(tmp_path: Path, database_ur
         )
     finally:
         await db.close()
+
+
+async def test_receivers_starting_at_once_all_start(tmp_path: Path, database_url: str) -> None:
+    # each start builds the indexes that are missing (concurrently): one receiver at a time
+    configs = [
+        append_toml(
+            config_file(tmp_path, database_url, free_port(), f"r{n}"),
+            '[partitioning]\ninterval = "month"\n' + columns_toml("indexed columns"),
+        )
+        for n in range(3)
+    ]
+    starts = [await start_command("migrate", config) for config in configs]
+    for process in starts:
+        status, stderr = await finished(process)
+        assert status == 0, stderr
+    db = await asyncpg.connect(database_url, server_settings={"search_path": "flespi"})
+    try:
+        for index in ["messages_xact_id", *(f"messages_typed_{n}" for n in COLUMN_TYPES)]:
+            assert await db.fetchval(VALID, index), index
+            assert await index_parts_missing(db, index) == 0
+    finally:
+        await db.close()

@@ -8,7 +8,10 @@ partition made later gets it when it is attached.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import structlog
 
@@ -20,6 +23,11 @@ log = structlog.get_logger("flespi_receiver.indexes")
 # seconds to wait for a moment when no batch writes to messages (an index on the parent only
 # needs that moment, it builds nothing)
 PATIENCE = 60.0
+# One receiver builds at a time. Taken by polling, not by waiting: a session waiting for a lock
+# holds a snapshot, which another's CREATE INDEX CONCURRENTLY would wait for in turn.
+TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext('flespi_receiver:indexes:' || current_schema()))"
+UNLOCK = "SELECT pg_advisory_unlock(hashtext('flespi_receiver:indexes:' || current_schema()))"
+LOCK_POLL = 0.2  # seconds
 IS_PARTITIONED = """
 SELECT c.relkind = 'p' FROM pg_class c
 WHERE c.oid = to_regclass(current_schema() || '.messages')
@@ -52,7 +60,24 @@ async def ensure_index(conn: Connection, name: str, key: str) -> bool:
     """Make sure index `name` on messages `(key)` exists and is valid; True if built now.
 
     `name` and `key` are SQL the caller wrote (an identifier, an index key list), never input.
+    Receivers starting at once build one after the other; the later ones find it made.
     """
+    async with _building(conn):
+        return await _ensure_index(conn, name, key)
+
+
+@asynccontextmanager
+async def _building(conn: Connection) -> AsyncIterator[None]:
+    # polling the database, not waiting for an event of this process
+    while not await conn.fetchval(TRY_LOCK):  # noqa: ASYNC110
+        await asyncio.sleep(LOCK_POLL)
+    try:
+        yield
+    finally:
+        await conn.fetchval(UNLOCK)
+
+
+async def _ensure_index(conn: Connection, name: str, key: str) -> bool:
     if not await conn.fetchval(IS_PARTITIONED):
         return await _concurrently(conn, name, "messages", key)
     built = False
