@@ -8,17 +8,23 @@ used to lose rows or stop a start.
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from flespi_receiver.config import PartitioningSettings
 from flespi_receiver.embedded import free_port
-from flespi_receiver.partitions import ensure_partitioned, maintain
+from flespi_receiver.partitions import ensure_partitioned, maintain, partitions
 
+from conftest import ClientFactory
 from helpers import (
+    AUTH,
     append_toml,
     config_file,
     count,
@@ -169,3 +175,77 @@ async def test_receivers_that_disagree_on_partitioning_are_told(
     # with the other receiver gone, nobody disagrees any more
     status, stderr = await finished(await start_command("migrate", shorter))
     assert (status, "disagreement" in stderr) == (0, False)
+
+
+MONTHS_AHEAD = st.integers(min_value=-2, max_value=14)  # a batch's month, from now
+UNIQUE = itertools.count()
+
+
+async def trickled(body: bytes, pause: float) -> AsyncIterator[bytes]:
+    """The body in pieces of 8 KB with a pause between them: a slow sender."""
+    for start in range(0, len(body), 8192):
+        yield body[start : start + 8192]
+        await asyncio.sleep(pause)
+
+
+@settings(
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    batches=st.lists(
+        st.tuples(MONTHS_AHEAD, st.integers(1, 240), st.sampled_from([0.0, 0.0, 0.02])),
+        min_size=1,
+        max_size=6,
+    ),
+    upkeeps=st.lists(st.tuples(MONTHS_AHEAD, st.floats(0, 0.4)), min_size=1, max_size=3),
+)
+async def test_upkeep_at_any_moment_beside_any_batches_loses_nothing(
+    receiver: ClientFactory,
+    db: asyncpg.Connection,
+    database_url: str,
+    batches: list[tuple[int, int, float]],
+    upkeeps: list[tuple[int, float]],
+) -> None:
+    monthly = PartitioningSettings(interval="month", ahead=1)
+    await ensure_partitioned(db, monthly)  # the first example converts, the others find it done
+    await db.execute("TRUNCATE messages")
+    client = await receiver()
+    now = datetime.now(UTC)
+
+    async def send(months: int, size: int, pause: float) -> int:
+        at = (now + timedelta(days=31 * months)).timestamp()
+        batch = [flespi_message(next(UNIQUE), timestamp=at) for _ in range(size)]
+        body = orjson.dumps(batch)
+        headers = {**AUTH, "Content-Length": str(len(body))}
+        reply = await client.post(
+            "/flespi", data=trickled(body, pause) if pause else body, headers=headers
+        )
+        assert reply.status == 200
+        stored: int = (await reply.json())["stored"]
+        return stored
+
+    async def upkeep(months: int, start: float) -> bool:
+        await asyncio.sleep(start)
+        conn = await asyncpg.connect(database_url, server_settings={"search_path": "flespi"})
+        try:
+            return await maintain(conn, monthly, now=now + timedelta(days=31 * months))
+        finally:
+            await conn.close()
+
+    try:
+        sent = [send(*batch) for batch in batches]
+        results = await asyncio.gather(*sent, *(upkeep(*u) for u in upkeeps))
+    finally:
+        await client.close()
+    stored, done = results[: len(batches)], results[len(batches) :]
+    assert all(done)  # no upkeep failed because of the batches
+    assert await count(db) == sum(stored) == sum(size for _, size, _ in batches)
+    # every row is in the partition that covers its time, the default one only if none does
+    found = await partitions(db)
+    for row in await db.fetch(
+        "SELECT partition_ts, tableoid::regclass::text AS part FROM messages"
+    ):
+        covering = [
+            p.name for p in found if not p.is_default and p.starts <= row["partition_ts"] < p.ends
+        ]
+        assert [row["part"]] == (covering or ["messages_default"])
