@@ -174,3 +174,44 @@ async def state(db: asyncpg.Connection, ident: str = "A") -> asyncpg.Record:
     return await db.fetchrow(
         "SELECT * FROM device_state WHERE stream = 'main' AND ident = $1", ident
     )
+
+
+WRITE_LOCKS = """
+SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+WHERE a.application_name = 'flespi-receiver' AND l.mode = 'RowExclusiveLock' AND l.granted
+  AND l.relation = to_regclass('flespi.' || $1)
+"""
+
+
+async def wait_for_writer(db: asyncpg.Connection, table: str = "messages") -> None:
+    """Until a receiver backend is writing into `table` (a batch being stored, uncommitted)."""
+    for _ in range(250):
+        if await db.fetchval(WRITE_LOCKS, table):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no receiver is writing into {table}")
+
+
+def append_toml(config: Path, text: str) -> Path:
+    """The config with `text` (top-level tables such as [partitioning]) added at its end."""
+    config.write_text(config.read_text() + text)
+    return config
+
+
+async def start_command(command: str, config: Path) -> asyncio.subprocess.Process:
+    """`flespi-receiver COMMAND --config CONFIG` as its own process, output captured."""
+    return await asyncio.create_subprocess_exec(
+        str(SCRIPT),
+        command,
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def finished(process: asyncio.subprocess.Process) -> tuple[int, str]:
+    """Its exit status and standard error, once it has exited (within a minute)."""
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()

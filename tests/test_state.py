@@ -98,8 +98,15 @@ async def test_notification_after_each_commit(
     try:
         await send(client, message("A", 1), message("B", 2), message("C", 3))
         note = orjson.loads(await asyncio.wait_for(received.get(), 5))
-        ids = [r["id"] for r in await db.fetch("SELECT id FROM messages ORDER BY id")]
-        assert note == {"stream": "main", "count": 3, "first_id": ids[0], "last_id": ids[-1]}
+        rows = await db.fetch("SELECT id, xact_id FROM messages ORDER BY id")
+        assert note == {
+            "stream": "main",
+            "count": 3,
+            "first_id": rows[0]["id"],
+            "last_id": rows[-1]["id"],
+            "xact_id": rows[0]["xact_id"],  # the batch's position for readers (docs/sql.md)
+        }
+        assert rows[0]["xact_id"] == rows[-1]["xact_id"]
         # a batch that stores nothing new says nothing
         await send(client, message("A", 1))
         await send(client, message("D", 4))

@@ -17,7 +17,8 @@ from flespi_receiver.health import add_health_routes
 from flespi_receiver.ingest import AccessPolicy, Limits, StreamEndpoint, error_response
 from flespi_receiver.metrics import Metrics
 from flespi_receiver.network import FailureLimiter
-from flespi_receiver.partitions import maintain
+from flespi_receiver.partition_peers import announce
+from flespi_receiver.partitions import UPKEEP_PATIENCE, maintain
 from flespi_receiver.pooled import PoolLimits
 from flespi_receiver.state import (
     ACCEPTING,
@@ -34,6 +35,8 @@ log = structlog.get_logger("flespi_receiver.app")
 
 
 PARTITION_UPKEEP_SECONDS = 3600
+# after a start, and after an upkeep that could not be done, the next one comes sooner
+PARTITION_RETRY_SECONDS = 60
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -47,6 +50,11 @@ def connection_settings(settings: Settings) -> dict[str, str]:
         "search_path": db.schema_name,
         # a reply of 200 must survive a database crash, whatever the server's default
         "synchronous_commit": "on",
+        # the receiver's SQL reads and writes times as ISO text in UTC, whatever the
+        # database's or role's defaults (partition bounds, retention arithmetic)
+        "DateStyle": "ISO, YMD",
+        "IntervalStyle": "postgres",
+        "TimeZone": "UTC",
         # read by the trigger on messages (schema/0002_device_state.sql)
         "flespi_receiver.device_state": on_off[db.device_state],
         "flespi_receiver.device_state_merge": on_off[db.device_state_merge],
@@ -62,6 +70,16 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+class _Announcer:
+    """Each new connection says which [partitioning] this receiver has (partition_peers.py)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.partitioning = settings.partitioning
+
+    async def __call__(self, conn: asyncpg.Connection, /) -> None:
+        await announce(conn, self.partitioning)
+
+
 def pool_context(settings: Settings, dsn: str) -> Callable[[web.Application], AsyncIterator[None]]:
     async def pool(app: web.Application) -> AsyncIterator[None]:
         db = settings.database
@@ -73,6 +91,7 @@ def pool_context(settings: Settings, dsn: str) -> Callable[[web.Application], As
             command_timeout=db.command_timeout,
             server_settings=connection_settings(settings),
             reset=_keep_session,
+            init=_Announcer(settings),
         )
         app[METRICS].pool.pool = app[POOL]
         try:
@@ -102,17 +121,24 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 def partition_upkeep(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
-    """Every hour: make the partitions ahead and drop those past retention."""
+    """Every hour: make the partitions ahead and drop those past retention.
+
+    The first run comes a minute after the start (which may have found the locks taken), and
+    a run that could not be done is tried again a minute later.
+    """
 
     async def upkeep(app: web.Application) -> AsyncIterator[None]:
         async def run() -> None:
+            delay = PARTITION_RETRY_SECONDS
             while True:
-                await asyncio.sleep(PARTITION_UPKEEP_SECONDS)
+                await asyncio.sleep(delay)
+                done = False
                 try:
                     async with app[POOL].acquire() as conn:
-                        await maintain(conn, settings.partitioning)
-                except Exception:  # the next hour tries again; batches are not affected
+                        done = await maintain(conn, settings.partitioning, patience=UPKEEP_PATIENCE)
+                except Exception:  # no connection now; batches are not affected
                     log.exception("partition upkeep failed")
+                delay = PARTITION_UPKEEP_SECONDS if done else PARTITION_RETRY_SECONDS
 
         task = asyncio.create_task(run()) if settings.partitioning.interval != "none" else None
         yield

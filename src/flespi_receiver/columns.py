@@ -2,7 +2,8 @@
 
 A view rather than stored columns: it needs no table rewrite and no work per insert, covers
 rows stored before the column was configured, and changes with the configuration in one
-statement. An optional expression index makes filters on a column as fast as on a real one.
+statement. An optional expression index makes filters on a column as fast as on a real one;
+on a partitioned table it is an index of the parent, which every partition gets.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import asyncpg
 import structlog
 
 from flespi_receiver.config import ColumnSettings
+from flespi_receiver.indexes import ensure_index
 from flespi_receiver.store import Connection
 
 log = structlog.get_logger("flespi_receiver.columns")
 
 VIEW = "messages_typed"
+# what readers that take every row once page by (schema/0007_read_position.sql)
+READ_POSITION_INDEX = "messages_xact_id"
 CONVERSIONS = {
     "text": "json_text",
     "bigint": "json_bigint",
@@ -45,7 +49,8 @@ def view_sql(columns: list[ColumnSettings]) -> str:
 
 
 async def apply_columns(conn: Connection, columns: list[ColumnSettings]) -> None:
-    """Make `messages_typed` and the requested indexes match the configuration."""
+    """Make `messages_typed` and the indexes on messages match the configuration: those of
+    the typed columns, and the one on xact_id that readers page by (docs/sql.md)."""
     async with conn.transaction():
         await conn.execute(LOCK)
         try:
@@ -56,17 +61,10 @@ async def apply_columns(conn: Connection, columns: list[ColumnSettings]) -> None
             await conn.execute(f"DROP VIEW {VIEW}")
             await conn.execute(view_sql(columns))
     existing = {row[0] for row in await conn.fetch(EXISTING_INDEXES)}
+    await ensure_index(conn, READ_POSITION_INDEX, "xact_id")
     for column in columns:
-        name = f"messages_typed_{column.name}"
-        if column.index and name not in existing:
-            log.info(
-                "creating index", index=name, note="runs concurrently; big tables take a while"
-            )
-            # CONCURRENTLY: the stream keeps flowing while the index is built
-            await conn.execute(
-                f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} "
-                f"ON messages (({expression(column)}))"
-            )
+        if column.index:
+            await ensure_index(conn, f"messages_typed_{column.name}", f"({expression(column)})")
     wanted = {f"messages_typed_{c.name}" for c in columns if c.index}
     for stale in sorted(existing - wanted):
         log.warning("index no longer configured, kept; drop it by hand if unused", index=stale)
