@@ -38,7 +38,12 @@ def migrations() -> list[Migration]:
         if entry.name.endswith(".sql"):
             version, _, rest = entry.name.partition("_")
             found.append(Migration(int(version), rest.removesuffix(".sql"), entry.read_text()))
-    return sorted(found, key=lambda m: m.version)
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    # two files with one number would record one version and skip the other
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"schema/ holds two migrations with one number: {versions}")
+    return found
 
 
 async def pending_migrations(conn: Connection, schema: str) -> list[Migration]:
