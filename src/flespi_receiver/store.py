@@ -344,3 +344,19 @@ async def _store_rejected(conn: Connection, stream: str, rejected: Iterable[Reje
         [item.reason for item in items],
         [identity_of(item.raw) for item in items],
     )
+
+
+async def store_decoded(
+    conn: Connection, stream: str, messages: list[Message], rejected: list[Rejected]
+) -> int:
+    """Store already decoded messages the way a batch's careful path does, inside the caller's
+    transaction: what is already in the stream is skipped, what PostgreSQL refuses is appended
+    to `rejected` (not stored there). Returns how many rows were stored. Used by replay and
+    backfill, so that they share the stream's identity, derived columns and quarantine."""
+    return await _store_messages(conn, stream, messages, rejected)
+
+
+async def store_rejected(conn: Connection, stream: str, rejected: Iterable[Rejected]) -> None:
+    """Keep content aside in rejected_messages, once per (stream, raw); in the caller's
+    transaction."""
+    await _store_rejected(conn, stream, rejected)

@@ -1,0 +1,206 @@
+"""Replaying the quarantine: rejected content through the stream's decoding and storing again.
+
+Rows are taken in chunks, in the order of `rejected_messages`' primary key, each chunk in one
+transaction: its rows are locked (`FOR UPDATE SKIP LOCKED`, so a second replay or a receiver
+never waits on them and never gets them twice), decoded as the stream path decodes a body, and
+stored with the stream's identity. A row whose content is now stored, or was already in
+`messages`, is deleted in that same transaction; a row that still fails stays with its new
+reason and one more `replay_attempts`. A dry run does all of it and rolls each chunk back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+
+from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
+from flespi_receiver.messages import DecodedBatch, Message, Rejected, decode_batch
+from flespi_receiver.store import Connection, store_decoded, store_rejected
+
+# The rows a replay selects; $1..$4 are optional filters (NULL: any), $5/$6 the key of the last
+# row seen. The primary key (stream, id) serves both the order and the next chunk.
+SELECTION = """
+FROM rejected_messages
+WHERE ($1::text IS NULL OR stream = $1)
+  AND ($2::bigint[] IS NULL OR id = ANY($2))
+  AND ($3::text IS NULL OR strpos(lower(reason), lower($3)) > 0)
+  AND ($4::timestamptz IS NULL OR received_at >= $4)
+"""
+COUNT_SELECTED = "SELECT count(*) " + SELECTION
+LOCK_CHUNK = (
+    "SELECT stream, id, raw, reason "
+    + SELECTION
+    + "  AND (stream, id) > ($5, $6)\nORDER BY stream, id\nLIMIT $7\nFOR UPDATE SKIP LOCKED"
+)
+DELETE_REPLAYED = "DELETE FROM rejected_messages WHERE stream = $1 AND id = ANY($2::bigint[])"
+KEEP_REJECTED = """
+UPDATE rejected_messages AS r
+SET reason = k.reason, replay_attempts = r.replay_attempts + 1, last_replay_at = now()
+FROM unnest($2::bigint[], $3::text[]) AS k(id, reason)
+WHERE r.stream = $1 AND r.id = k.id
+"""
+
+# The reasons decode_batch gives a body that is not a JSON array (messages.split_array): such a
+# row holds a whole body, any other row one element of an array.
+_WHOLE_BODY_REASON = "body "
+CHUNK_ROWS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySelection:
+    """Which rejected rows to replay; None means any."""
+
+    stream: str | None = None
+    ids: Sequence[int] | None = None
+    reason: str | None = None  # a part of the reason, case-insensitive
+    since: datetime | None = None  # quarantined at or after
+
+    def parameters(self) -> tuple[object, ...]:
+        ids = list(self.ids) if self.ids else None
+        return (self.stream, ids, self.reason, self.since)
+
+
+@dataclass(slots=True)
+class ReplaySummary:
+    """Counts so far: rows examined, messages moved to `messages`, messages that were there
+    already, rows still rejected; `selected` is the size of the selection at the start."""
+
+    selected: int = 0
+    examined: int = 0
+    moved: int = 0
+    already_present: int = 0
+    still_rejected: int = 0
+    chunks: int = 0
+    dry_run: bool = False
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "dry_run": self.dry_run,
+            "selected": self.selected,
+            "examined": self.examined,
+            "moved": self.moved,
+            "already_present": self.already_present,
+            "still_rejected": self.still_rejected,
+            "reasons": self.reasons,
+        }
+
+
+Progress = Callable[[ReplaySummary], None]
+
+
+async def count_selected(conn: Connection, selection: ReplaySelection) -> int:
+    return int(await conn.fetchval(COUNT_SELECTED, *selection.parameters()))
+
+
+async def replay_rejected(
+    conn: Connection,
+    selection: ReplaySelection,
+    *,
+    dry_run: bool = False,
+    chunk_rows: int = CHUNK_ROWS,
+    progress: Progress | None = None,
+    fields: Mapping[str, MessageFields] | None = None,
+) -> ReplaySummary:
+    """Replay the selected rows chunk by chunk; each chunk is committed (or, in a dry run,
+    rolled back) before the next is read. `conn` must have the receiver's session settings
+    (search path, device state, notify channel: app.connection_settings); `fields` names each
+    stream's known fields (the default names for a stream not in it)."""
+    summary = ReplaySummary(dry_run=dry_run)
+    summary.selected = await count_selected(conn, selection)
+    after: tuple[str, int] = ("", 0)
+    while True:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            rows = await conn.fetch(LOCK_CHUNK, *selection.parameters(), *after, chunk_rows)
+            if rows:
+                await _replay_chunk(conn, rows, summary, fields or {})
+        except BaseException:
+            await transaction.rollback()
+            raise
+        if dry_run:
+            await transaction.rollback()
+        else:
+            await transaction.commit()
+        if not rows:
+            return summary
+        after = (rows[-1]["stream"], rows[-1]["id"])
+        summary.chunks += 1
+        if progress is not None:
+            progress(summary)
+
+
+async def _replay_chunk(
+    conn: Connection,
+    rows: Sequence[asyncpg.Record],
+    summary: ReplaySummary,
+    fields: Mapping[str, MessageFields],
+) -> None:
+    by_stream: dict[str, list[asyncpg.Record]] = {}
+    for row in rows:
+        by_stream.setdefault(row["stream"], []).append(row)
+    for stream, stream_rows in by_stream.items():
+        stream_fields = fields.get(stream, DEFAULT_FIELDS)
+        await _replay_stream_rows(conn, stream, stream_rows, summary, stream_fields)
+    summary.examined += len(rows)
+
+
+async def _replay_stream_rows(
+    conn: Connection,
+    stream: str,
+    rows: Sequence[asyncpg.Record],
+    summary: ReplaySummary,
+    fields: MessageFields,
+) -> None:
+    """One stream's rows of a chunk, in the chunk's transaction."""
+    decoded = [_decode_row(row["raw"], row["reason"], fields) for row in rows]
+    messages: list[Message] = [m for batch in decoded for m in batch.messages]
+    refused: list[Rejected] = []
+    stored = await store_decoded(conn, stream, messages, refused) if messages else 0
+    refused_reasons = {item.raw: item.reason for item in refused}
+
+    replayed: list[int] = []
+    kept: list[tuple[int, str]] = []
+    new_rejected: list[Rejected] = []
+    for row, batch in zip(rows, decoded, strict=True):
+        failures = list(batch.rejected)
+        failures += [
+            Rejected(m.raw, refused_reasons[m.raw])
+            for m in batch.messages
+            if m.raw in refused_reasons
+        ]
+        is_body = row["reason"].startswith(_WHOLE_BODY_REASON)
+        if not failures and (batch.messages or is_body):
+            replayed.append(row["id"])
+        elif failures and (not is_body or batch.body_error is not None):
+            # one element, or a body that is still not an array: the row stays as it is
+            kept.append((row["id"], failures[0].reason))
+        elif failures:
+            # a body that now splits: its elements that still fail are kept one by one
+            replayed.append(row["id"])
+            new_rejected += failures
+        else:
+            kept.append((row["id"], row["reason"]))  # an empty element stays empty
+    for _, reason in kept:
+        summary.reasons[reason] = summary.reasons.get(reason, 0) + 1
+    summary.moved += stored
+    summary.already_present += len(messages) - stored - len(refused_reasons)
+    summary.still_rejected += len(kept) + len(new_rejected)
+    if replayed:
+        await conn.execute(DELETE_REPLAYED, stream, replayed)
+    if kept:
+        await conn.execute(KEEP_REJECTED, stream, *map(list, zip(*kept, strict=True)))
+    if new_rejected:
+        await store_rejected(conn, stream, new_rejected)
+
+
+def _decode_row(raw: bytes, reason: str, fields: MessageFields) -> DecodedBatch:
+    """A row's content decoded as the stream decodes it: a whole body as a body, an element
+    as a batch of one."""
+    if reason.startswith(_WHOLE_BODY_REASON):
+        return decode_batch(raw, fields)
+    return decode_batch(b"[" + raw + b"]", fields)
