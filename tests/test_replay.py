@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+from pathlib import Path
 
 import asyncpg
 import orjson
@@ -10,7 +12,7 @@ import orjson
 from flespi_receiver.replay import ReplaySelection, ReplaySummary, replay_rejected
 
 from conftest import SCHEMA, ClientFactory
-from helpers import AUTH, count, flespi_message
+from helpers import AUTH, SCRIPT, config_file, count, flespi_message
 
 SESSION = {"search_path": SCHEMA, "flespi_receiver.notify_channel": "flespi_messages"}
 # a rule the user adds, and later finds too strict
@@ -175,3 +177,31 @@ async def test_two_replays_at_once_store_each_message_once(
     assert await count(db) == 600
     assert await count(db, "rejected_messages") == 0
     assert await db.fetchval("SELECT count(DISTINCT payload) FROM messages") == 600
+
+
+async def test_the_replay_command_says_what_it_did(
+    receiver: ClientFactory, db: asyncpg.Connection, database_url: str, tmp_path: Path
+) -> None:
+    await quarantine_fast_messages(receiver, db, 1)
+    await quarantine_more(receiver, db)
+    config = config_file(tmp_path, database_url, 0)
+
+    def replay(*options: str) -> dict[str, object]:
+        result = subprocess.run(
+            [str(SCRIPT), "rejected", "replay", "--config", str(config), *options],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        summary: dict[str, object] = orjson.loads(result.stdout.splitlines()[-1])
+        return summary
+
+    dry = replay("--reason", "speed_limit", "--dry-run")
+    assert (dry["dry_run"], dry["selected"], dry["moved"]) == (True, 3, 3)
+    assert await count(db, "rejected_messages") == 3
+    done = replay("--stream", "main", "--since", "1h")
+    assert (done["moved"], done["already_present"], done["still_rejected"]) == (3, 0, 0)
+    assert await count(db, "rejected_messages") == 0
+    assert await count(db) == 4

@@ -1,4 +1,4 @@
-"""`flespi-receiver rejected list|show|export`: read the quarantine (rejected_messages).
+"""`flespi-receiver rejected list|show|export|replay`: the quarantine (rejected_messages).
 
 Each subcommand is a function here registered in SUBCOMMANDS; `add_filter_options` and
 `filter_from` give a new one the same --stream/--since/--reason filters.
@@ -24,6 +24,7 @@ from flespi_receiver.cli.common import (
     load,
     with_connection,
 )
+from flespi_receiver.cli.rejected_replay import add_replay
 from flespi_receiver.database import Database
 from flespi_receiver.errors import CommandFailed, UsageError
 from flespi_receiver.progress import progress_bar
@@ -97,11 +98,15 @@ def _export(commands: Subcommands) -> None:
     parser.set_defaults(handler=run_export)
 
 
-SUBCOMMANDS: list[Callable[[Subcommands], None]] = [_list, _show, _export]
+def _replay(commands: Subcommands) -> None:
+    add_replay(commands, add_filter_options)
+
+
+SUBCOMMANDS: list[Callable[[Subcommands], None]] = [_list, _show, _export, _replay]
 
 
 def register(commands: Subcommands) -> None:
-    text = "read the quarantine: content kept in rejected_messages"
+    text = "read and replay the quarantine: content kept in rejected_messages"
     rejected = commands.add_parser("rejected", help=text, description=text)
     subcommands = rejected.add_subparsers(dest="rejected_command", required=True, metavar="ACTION")
     for add in SUBCOMMANDS:
