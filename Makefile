@@ -1,9 +1,10 @@
-# Two commands: `make run` serves config.example.toml against an embedded PostgreSQL,
-# `make test` runs the linters and the whole test suite against a real PostgreSQL.
+# Two commands: `make run` serves config.toml (copied from config.example.toml the first time)
+# against an embedded PostgreSQL, `make test` runs the linters and the whole test suite against a
+# real PostgreSQL.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-CONFIG ?= config.example.toml
+CONFIG ?= config.toml
 
 .PHONY: run test lint typecheck pytest bench clean
 
@@ -23,7 +24,11 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@ $(VENV)/.installed-run
 
-run: $(VENV)/.installed-run
+# the operator's own copy, out of git; the commands read ./config.toml by default
+config.toml:
+	cp config.example.toml $@
+
+run: $(VENV)/.installed-run $(CONFIG)
 	$(BIN)/flespi-receiver serve --config $(CONFIG)
 
 lint: $(VENV)/.installed-dev
