@@ -4,8 +4,9 @@ The receiver never logs a token or password on purpose, but other code may quote
 sent: aiohttp prints a malformed header line as received, so `Authorization: Bearer <token>`
 followed by a stray control character would put the token in its error. This processor
 replaces every known secret (the streams' `authorization` values, their token part, and the
-database password) wherever it appears in a log line, and makes every string encodable, so
-that no header can make a log line fail.
+database password) wherever it appears in a log line, makes every string encodable, so
+that no header can make a log line fail, and cuts every string to MAX_STRING characters, so
+that bytes a client sends and a library quotes can't make one line huge.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 MASK = "********"
 # shorter values would mask ordinary words; configured tokens are far longer
 MIN_SECRET = 6
+# a log value longer than this is cut (after masking, so no secret is cut in half and shown)
+MAX_STRING = 2000
 
 
 def _variants(secret: str) -> set[str]:
@@ -57,6 +60,8 @@ class SecretRedactor:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, MASK)
+        if len(text) > MAX_STRING:
+            text = f"{text[:MAX_STRING]}... ({len(text) - MAX_STRING} more characters)"
         return _encodable(text)
 
     def _clean(self, value: Any) -> Any:
