@@ -17,6 +17,16 @@ import asyncpg
 import orjson
 
 TOKEN = "Bearer test-token"
+# a whole valid configuration file, with secrets that must never be printed
+VALID_CONFIG = """
+[database]
+url = "postgresql://flespi:db-secret@db.example:5432/flespi"
+
+[[streams]]
+name = "main"
+path = "/flespi"
+authorization = ["Bearer very-secret-token"]
+"""
 AUTH = {"Authorization": TOKEN}
 
 

@@ -12,15 +12,7 @@ import pytest
 from flespi_receiver.config import load_settings
 from flespi_receiver.errors import ConfigError
 
-VALID = """
-[database]
-url = "postgresql://flespi:db-secret@db.example:5432/flespi"
-
-[[streams]]
-name = "main"
-path = "/flespi"
-authorization = ["Bearer very-secret-token"]
-"""
+from helpers import VALID_CONFIG as VALID
 
 
 def write(tmp_path: Path, text: str) -> Path:

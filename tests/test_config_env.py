@@ -11,15 +11,7 @@ import pytest
 from flespi_receiver.config import load_settings
 from flespi_receiver.errors import ConfigError
 
-VALID = """
-[database]
-url = "postgresql://flespi:db-secret@db.example:5432/flespi"
-
-[[streams]]
-name = "main"
-path = "/flespi"
-authorization = ["Bearer very-secret-token"]
-"""
+from helpers import VALID_CONFIG as VALID
 
 
 def check_config(path: Path, **env: str) -> subprocess.CompletedProcess[str]:
