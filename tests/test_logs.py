@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import subprocess
 import sys
+import urllib.request
+from pathlib import Path
 
 import orjson
 import pytest
 from structlog.testing import capture_logs
 
 from flespi_receiver import ingest
+from flespi_receiver.embedded import free_port
 
 from conftest import ClientFactory
-from helpers import AUTH, flespi_message
+from helpers import (
+    AUTH,
+    TOKEN,
+    config_file,
+    flespi_message,
+    log_events,
+    receiver_process,
+    wait_until_serving,
+)
 
 EMIT = """
 import logging, structlog
@@ -66,3 +79,52 @@ async def test_a_bug_is_a_500_with_one_batch_line_and_a_count(
     assert len(logs) == 1
     metrics = await (await client.get("/metrics")).text()
     assert 'flespi_receiver_requests_total{status="500",stream="main"} 1.0' in metrics
+
+
+# each is a request that reaches no stream handler: the router, aiohttp's parser, the header
+# limits answer it, and still as one `batch` line and one count
+NO_STREAM_REQUESTS = [
+    (404, b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n[]"),
+    (405, b"GET /flespi HTTP/1.1\r\nHost: x\r\n\r\n"),
+    (400, b"POST /flespi HTTP/1.1\r\nHost: x\r\nBad\x01Header: " + TOKEN.encode() + b"\r\n\r\n"),
+    # one line too long for the parser, lines too long together, too many lines
+    (431, b"POST /flespi HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * 8000 + b"\r\n\r\n"),
+    (431, b"POST /flespi HTTP/1.1\r\nHost: x\r\n" + (b"X-Filler: " + b"b" * 300 + b"\r\n") * 20),
+    (431, b"POST /flespi HTTP/1.1\r\nHost: x\r\n" + b"X-Filler: 1\r\n" * 150 + b"\r\n"),
+]
+
+
+async def test_replies_outside_a_stream_are_one_batch_line_and_one_count(
+    tmp_path: Path, database_url: str
+) -> None:
+    port = free_port()
+    config = config_file(tmp_path, database_url, port)
+    text = config.read_text().replace("[server]\n", "[server]\nmax_header_size = 4096\n", 1)
+    config.write_text(text)
+    with receiver_process(config) as process:
+        await wait_until_serving(port, process)
+        for status, request in NO_STREAM_REQUESTS:
+            raw = socket.create_connection(("127.0.0.1", port))
+            raw.settimeout(10)
+            raw.sendall(request)
+            reply = await asyncio.to_thread(raw.recv, 65536)
+            raw.close()
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.split(b" ")[1] == str(status).encode(), reply
+            assert orjson.loads(body)["error"], reply  # JSON with a reason, like every reply
+            assert TOKEN.encode() not in reply  # the parser's error is not echoed
+        metrics = await asyncio.to_thread(http_get, port, "/metrics")
+        process.terminate()
+        assert process.wait(20) == 0
+    lines = [e for e in log_events(config) if e["event"] == "batch"]
+    assert sorted(e["status"] for e in lines) == sorted(s for s, _ in NO_STREAM_REQUESTS)
+    assert all(e["reason"] and e["request_id"] for e in lines)
+    assert not [e for e in log_events(config) if e.get("logger") == "aiohttp.server"]
+    for status in (400, 404, 405):
+        assert f'flespi_receiver_requests_total{{status="{status}",stream=""}} 1.0' in metrics
+    assert 'flespi_receiver_requests_total{status="431",stream=""} 3.0' in metrics
+
+
+def http_get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+        return str(reply.read().decode())

@@ -14,12 +14,19 @@ from flespi_receiver.config import Settings, mask_url
 from flespi_receiver.connection import reply_headers
 from flespi_receiver.failures import DatabaseHealth
 from flespi_receiver.health import add_health_routes
-from flespi_receiver.ingest import AccessPolicy, Limits, StreamEndpoint, error_response
+from flespi_receiver.ingest import (
+    AccessPolicy,
+    Limits,
+    StreamEndpoint,
+    error_response,
+    request_id,
+)
 from flespi_receiver.metrics import Metrics
 from flespi_receiver.network import FailureLimiter
 from flespi_receiver.partition_peers import announce
 from flespi_receiver.partitions import UPKEEP_PATIENCE, maintain
 from flespi_receiver.pooled import PoolLimits
+from flespi_receiver.reply_log import reason_of, record_reply
 from flespi_receiver.state import (
     ACCEPTING,
     DATABASE_HEALTH,
@@ -104,20 +111,33 @@ def pool_context(settings: Settings, dsn: str) -> Callable[[web.Application], As
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render errors (404, 405, 413 ... and crashes) as JSON with a reason, never a traceback."""
+    """Render errors (404, 405 ... and crashes) as JSON with a reason, never a traceback;
+    each is one `batch` line and one count, like a stream's replies."""
+    failure: Exception | None = None
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(
+        response = error_response(
             exc.status,
             exc.reason,
             **{k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")},
         )
-    except Exception:
-        log.exception("request failed", path=request.path)
-        return error_response(500, "internal error; the batch was not stored")
+    except Exception as exc:
+        failure = exc
+        response = error_response(500, "internal error; the batch was not stored")
+    record_reply(
+        request.app[METRICS],
+        response.status,
+        reason=reason_of(response),
+        failure=failure,
+        request_id=request_id(request.headers.get("X-Request-Id")),
+        client=request.remote,
+        method=request.method,
+        path=request.path,
+    )
+    return response
 
 
 def partition_upkeep(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -17,14 +17,21 @@ after the reply. The runner built here closes all of those doors:
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+
+from flespi_receiver.metrics import Metrics
+from flespi_receiver.reply_log import record_reply
+from flespi_receiver.state import METRICS
 
 SERVER_NAME = "flespi-receiver"
 
@@ -48,9 +55,17 @@ def _raw_reply(status: int, reason: str, error: str) -> bytes:
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's connection handler with a byte budget and a deadline for the headers."""
 
-    def __init__(self, manager: web.Server, *, header_limits: HeaderLimits, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        header_limits: HeaderLimits,
+        metrics: Metrics,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._header_limits = header_limits
+        self._metrics = metrics
         self._awaiting_headers = True
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
@@ -105,9 +120,36 @@ class GuardedRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        response = super().handle_error(request, status, exc, message)
-        response.headers["Server"] = SERVER_NAME
+        """A request aiohttp could not parse (400) or serve: a JSON reply and one `batch` line.
+
+        The parser's message is not repeated: it quotes the offending bytes, which may hold a
+        token; the exception's class says what was wrong.
+        """
+        if request.writer.output_size > 0:  # a reply was started: the connection is broken
+            raise ConnectionError("a reply was already started")
+        if isinstance(exc, LineTooLong) or "too many headers" in str(exc).lower():
+            status = 431  # a header line past max_header_size (or 8190), or over 100 lines
+        kind = type(exc).__name__ if exc is not None else HTTPStatus(status).phrase
+        reason = f"malformed HTTP request ({kind})" if status == 400 else kind
+        response = web.Response(
+            status=status,
+            body=orjson.dumps({"error": reason}),
+            content_type="application/json",
+            headers={"Server": SERVER_NAME, "Connection": "close"},
+        )
+        response.force_close()
+        self._record(status, reason)
         return response
+
+    def _record(self, status: int, reason: str) -> None:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        record_reply(
+            self._metrics,
+            status,
+            reason=reason,
+            request_id=uuid.uuid4().hex[:16],
+            client=peer[0] if isinstance(peer, tuple) else None,
+        )
 
     def _arm_header_timer(self) -> None:
         self._header_timer = self._loop.call_later(
@@ -133,13 +175,14 @@ class GuardedRequestHandler(RequestHandler):
         self._awaiting_headers = False
         if self.transport is not None:
             self.transport.write(_raw_reply(status, reason, error))
+            self._record(status, error)
         self.force_close()  # the transport sends what was written, then closes
 
 
 class GuardedServer(web.Server):
     """A `web.Server` whose connections are `GuardedRequestHandler`s."""
 
-    def __init__(self, template: web.Server, header_limits: HeaderLimits) -> None:
+    def __init__(self, template: web.Server, header_limits: HeaderLimits, metrics: Metrics) -> None:
         # the same handler, request factory and keyword arguments as the server aiohttp made
         kwargs: dict[str, Any] = dict(template._kwargs)
         super().__init__(
@@ -150,10 +193,15 @@ class GuardedServer(web.Server):
             **kwargs,
         )
         self._header_limits = header_limits
+        self._metrics = metrics
 
     def __call__(self) -> RequestHandler:
         return GuardedRequestHandler(
-            self, loop=self._loop, header_limits=self._header_limits, **self._kwargs
+            self,
+            loop=self._loop,
+            header_limits=self._header_limits,
+            metrics=self._metrics,
+            **self._kwargs,
         )
 
 
@@ -182,7 +230,8 @@ class ReceiverRunner(web.AppRunner):
         self._header_limits = header_limits
 
     async def _make_server(self) -> web.Server:
-        return GuardedServer(await super()._make_server(), self._header_limits)
+        server = await super()._make_server()
+        return GuardedServer(server, self._header_limits, self.app[METRICS])
 
 
 async def reply_headers(request: web.Request, response: web.StreamResponse) -> None:

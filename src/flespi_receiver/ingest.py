@@ -30,6 +30,7 @@ from flespi_receiver.network import (
     limiter_key,
 )
 from flespi_receiver.pooled import PoolLimits, store_pooled
+from flespi_receiver.reply_log import reason_of, record_reply
 from flespi_receiver.state import ACCEPTING, DATABASE_HEALTH, IN_FLIGHT, POOL
 from flespi_receiver.store import StoreResult
 
@@ -69,13 +70,6 @@ def json_response(status: int, body: dict[str, object], **headers: str) -> web.R
 
 def error_response(status: int, reason: str, **headers: str) -> web.Response:
     return json_response(status, {"error": reason}, **headers)
-
-
-def _reason(response: web.Response) -> str:
-    body = response.body
-    if isinstance(body, bytes):
-        return str(orjson.loads(body).get("error", ""))
-    return ""
 
 
 def _broken(response: web.Response) -> web.Response:
@@ -141,11 +135,13 @@ class StreamEndpoint:
 
     async def handle(self, request: web.Request) -> web.Response:
         """Answer one batch request; every reply, 500s included, is one `batch` log line."""
-        if self.removed:
-            return error_response(404, "no stream at this path (removed from the configuration)")
         started = time.perf_counter()
         stream, credentials = self.current
         rid = request_id(request.headers.get("X-Request-Id"))
+        if self.removed:
+            reason = "no stream at this path (removed from the configuration)"
+            record_reply(self.metrics, 404, reason=reason, request_id=rid, client=request.remote)
+            return error_response(404, reason)
         access = self.access
         client = client_address(
             request.remote, request.headers, access.trusted_proxies, access.client_address_header
@@ -163,30 +159,17 @@ class StreamEndpoint:
         if not request.content.is_eof():
             # the rest of the body is still on its way: this connection can't carry another
             response.force_close()
-        duration = time.perf_counter() - started
-        self.metrics.requests.labels(stream.name, str(response.status)).inc()
-        self.metrics.duration.labels(stream.name).observe(duration)
-        # 429s are counted, not logged one by one: a stranger's guessing must not fill the disk
-        event = (
-            bound.info
-            if response.status == 200
-            else bound.debug
-            if response.status == 429
-            else bound.error
-            if response.status >= 500 and response.status != 503
-            else bound.warning
-        )
-        event(
-            "batch",
-            status=response.status,
-            bytes=size,
-            messages=result.messages if result else None,
-            stored=result.stored if result else 0,
-            duplicates=result.duplicates if result else 0,
-            rejected=result.rejected if result else 0,
-            duration_ms=round(duration * 1000, 2),
-            **({"reason": _reason(response)} if response.status != 200 else {}),
-            **({"exc_info": failure} if failure is not None else {}),
+        record_reply(
+            self.metrics,
+            response.status,
+            stream=stream.name,
+            reason=reason_of(response),
+            duration=time.perf_counter() - started,
+            size=size,
+            result=result,
+            failure=failure,
+            request_id=rid,
+            client=str(client),
         )
         response.headers["X-Request-Id"] = rid
         return response
