@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncpg
 import orjson
+import pytest
 
 from flespi_receiver.embedded import free_port
 
@@ -77,3 +78,33 @@ async def test_sigterm_finishes_a_body_still_arriving_and_turns_new_requests_awa
     assert await count(db) == 4
     batches = [e for e in log_events(config) if e["event"] == "batch"]
     assert sorted(e["status"] for e in batches) == [200, 200, 503]
+
+
+@pytest.mark.parametrize("messages", [3, 400], ids=["read-whole", "stored-while-arriving"])
+async def test_a_body_unfinished_at_shutdown_timeout_gets_503_and_nothing_is_kept(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection, messages: int
+) -> None:
+    port = free_port()
+    config = config_file(tmp_path, database_url, port)
+    config.write_text(config.read_text().replace("shutdown_timeout = 20", "shutdown_timeout = 1"))
+    body = orjson.dumps([flespi_message(i) for i in range(messages)])
+    with receiver_process(config) as process:
+        await wait_until_serving(port, process)
+        stalled = socket.create_connection(("127.0.0.1", port))
+        try:
+            stalled.sendall(request_head(len(body)) + body[: len(body) // 2])
+            await asyncio.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            answer = await receive(stalled)  # the rest never comes
+        finally:
+            stalled.close()
+        assert await asyncio.to_thread(process.wait, 20) == 0
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert b"Retry-After: " in answer
+    assert b"Connection: close" in answer
+    assert b"shutdown_timeout" in answer
+    assert await count(db) == 0
+    events = log_events(config)
+    (batch,) = [e for e in events if e["event"] == "batch"]
+    assert batch["status"] == 503
+    assert not [e for e in events if e["level"] in ("error", "critical")], events

@@ -41,13 +41,22 @@ class BatchRejected(ReceiverError):
         self.whole_body = whole_body
 
 
-class BodyTooLarge(ReceiverError):
+class BodyError(ReceiverError):
+    """The request body could not be read whole; raised inside the batch's transaction, which
+    rolls back cleanly (the connection stays usable)."""
+
+
+class BodyTooLarge(BodyError):
     """The request body grew past server.max_body_size (counted after decompression)."""
 
 
-class BodyTimeout(ReceiverError):
+class BodyTimeout(BodyError):
     """The request body did not arrive within server.body_timeout."""
 
 
-class BodyIncomplete(ReceiverError):
+class ShutdownTimeout(BodyError):
+    """The receiver is stopping and server.shutdown_timeout passed before the body arrived."""
+
+
+class BodyIncomplete(BodyError):
     """The body broke off (the client went away) or can't be decompressed."""

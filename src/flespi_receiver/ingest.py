@@ -16,7 +16,13 @@ from pydantic import BaseModel
 
 from flespi_receiver.body import BodyReader, content_coding
 from flespi_receiver.config import StreamSettings
-from flespi_receiver.errors import BatchRejected, BodyIncomplete, BodyTimeout, BodyTooLarge
+from flespi_receiver.errors import (
+    BatchRejected,
+    BodyIncomplete,
+    BodyTimeout,
+    BodyTooLarge,
+    ShutdownTimeout,
+)
 from flespi_receiver.failures import DatabaseState, database_kind
 from flespi_receiver.fields import MessageFields
 from flespi_receiver.metrics import Metrics
@@ -149,7 +155,7 @@ class StreamEndpoint:
         bound = log.bind(stream=stream.name, request_id=rid, client=str(client))
         failure: Exception | None = None
         try:
-            with request.app[IN_FLIGHT]:
+            with request.app[IN_FLIGHT].answering(request.content):
                 response, result, size = await self._answer(
                     request, stream, credentials, client, bound
                 )
@@ -252,6 +258,14 @@ class StreamEndpoint:
             return _broken(self._too_large()), None, reader.received
         except BodyIncomplete as exc:
             reply = error_response(400, f"body incomplete or undecodable: {exc}")
+            return _broken(reply), None, reader.received
+        except ShutdownTimeout:
+            reply = error_response(
+                503,
+                "receiver is shutting down and the body did not arrive within "
+                "server.shutdown_timeout; nothing was stored",
+                **{"Retry-After": "1"},
+            )
             return _broken(reply), None, reader.received
         return response, result, reader.received
 

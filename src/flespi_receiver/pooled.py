@@ -16,7 +16,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from flespi_receiver.body import BodyReader
-from flespi_receiver.errors import BatchRejected
+from flespi_receiver.errors import BatchRejected, BodyError
 from flespi_receiver.failures import PoolExhausted
 from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.store import StoreResult, store_batch
@@ -45,8 +45,10 @@ async def borrowed(
         ) from exc
     try:
         yield conn
-    except BatchRejected:
-        raise  # refused content: the transaction was rolled back cleanly
+    except (BatchRejected, BodyError):
+        # refused content or a body that broke off: the transaction was rolled back cleanly
+        # (asyncpg waits for a COPY's cancellation before the rollback), the connection is fine
+        raise
     except BaseException:
         conn.terminate()
         raise

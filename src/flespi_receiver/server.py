@@ -156,11 +156,16 @@ async def serve_app(settings: Settings, dsn: str, config: Path) -> None:
         # body that is still arriving unread: the batches in flight are finished first
         await site.stop()
         log.info("shutting down: finishing batches in flight", in_flight=app[IN_FLIGHT].count)
-        if not await app[IN_FLIGHT].wait_idle(settings.server.shutdown_timeout):
-            log.warning(
-                "shutdown_timeout passed with batches in flight; they are dropped unanswered",
-                in_flight=app[IN_FLIGHT].count,
-            )
+        in_flight = app[IN_FLIGHT]
+        if not await in_flight.wait_idle(settings.server.shutdown_timeout):
+            # bodies still arriving get 503 (nothing stored), the rest a little longer to end
+            ended = in_flight.end_bodies()
+            if not await in_flight.wait_idle(AFTER_DRAIN):
+                log.warning(
+                    "shutdown_timeout passed with batches in flight; they are dropped unanswered",
+                    in_flight=in_flight.count,
+                )
+            log.info("shutdown_timeout passed: bodies still arriving got 503", bodies=ended)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import asyncpg
-from aiohttp import web
+from aiohttp import StreamReader, web
 
+from flespi_receiver.errors import ShutdownTimeout
 from flespi_receiver.failures import DatabaseHealth
 from flespi_receiver.metrics import Metrics
 
@@ -27,21 +30,28 @@ DATABASE_HEALTH = web.AppKey("database_health", DatabaseHealth)
 
 
 class InFlight:
-    """Counts the batch requests being answered, so that shutdown can wait for them."""
+    """The batch requests being answered, so that shutdown can wait for them and, once
+    server.shutdown_timeout has passed, end the bodies still arriving."""
 
     def __init__(self) -> None:
         self.count = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._bodies: set[StreamReader] = set()
 
-    def __enter__(self) -> None:
+    @contextlib.contextmanager
+    def answering(self, body: StreamReader) -> Iterator[None]:
+        """Count one request while it is answered; `body` is its request.content."""
         self.count += 1
         self._idle.clear()
-
-    def __exit__(self, *exc: object) -> None:
-        self.count -= 1
-        if not self.count:
-            self._idle.set()
+        self._bodies.add(body)
+        try:
+            yield
+        finally:
+            self._bodies.discard(body)
+            self.count -= 1
+            if not self.count:
+                self._idle.set()
 
     async def wait_idle(self, seconds: float) -> bool:
         """True once no request is being answered; False if some still are after `seconds`."""
@@ -51,6 +61,14 @@ class InFlight:
         except TimeoutError:
             return False
         return True
+
+    def end_bodies(self) -> int:
+        """Make every body still arriving raise ShutdownTimeout in its reader (the handler
+        then answers 503 and stores nothing); return how many there were."""
+        arriving = [body for body in self._bodies if not body.is_eof()]
+        for body in arriving:
+            body.set_exception(ShutdownTimeout())
+        return len(arriving)
 
 
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
