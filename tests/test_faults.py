@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from helpers import (
     count,
     duplicated,
     flespi_message,
+    log_events,
     receiver_process,
     reply_on,
     send_partial_body,
@@ -135,6 +137,36 @@ async def test_abandoned_request_stores_nothing_and_the_stream_goes_on(
     assert await count(db) == 0
     reply = await client.post("/flespi", data=body, headers=AUTH)
     assert (await reply.json())["stored"] == 50
+
+
+@pytest.mark.parametrize("messages", [3, 400], ids=["read-whole", "stored-while-arriving"])
+async def test_a_client_closing_its_side_mid_body_gets_400_and_nothing_is_kept(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection, messages: int
+) -> None:
+    port = free_port()
+    config = config_file(tmp_path, database_url, port)
+    body = orjson.dumps([flespi_message(i) for i in range(messages)])
+    with receiver_process(config) as process:
+        await wait_until_serving(port, process)
+        raw = await asyncio.to_thread(send_partial_body, port, len(body), body[: len(body) // 2])
+        raw.shutdown(socket.SHUT_WR)  # it still reads: it can be told why
+        answer = await reply_on(raw)
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+        assert b"Connection: close" in answer
+        assert b"body incomplete" in answer
+        assert await count(db) == 0
+        # the whole body and then the end of sending: a complete request, answered as usual
+        raw = await asyncio.to_thread(send_partial_body, port, len(body), body)
+        raw.shutdown(socket.SHUT_WR)
+        assert (await reply_on(raw)).startswith(b"HTTP/1.1 200")
+        await db.execute("TRUNCATE messages")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"http://127.0.0.1:{port}/flespi", data=body, headers=AUTH) as reply,
+        ):
+            assert (await reply.json())["stored"] == messages  # the resend stores it whole
+    (refused,) = [e for e in log_events(config) if e["event"] == "batch" and e["status"] == 400]
+    assert refused["stream"] == "main"
 
 
 @pytest.fixture

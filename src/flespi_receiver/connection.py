@@ -69,6 +69,7 @@ class GuardedRequestHandler(RequestHandler):
         self._awaiting_headers = True
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        self._client_done = False  # the client closed its sending side (half-close)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -77,6 +78,16 @@ class GuardedRequestHandler(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_header_timer()
         super().connection_lost(exc)
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio's signature
+        """The client closed its sending side. With a request under way, the transport stays
+        open for the reply (a body not complete by now never will be: 400); idle, it closes."""
+        if self._awaiting_headers:  # idle, or headers that will never be complete
+            return None
+        self._client_done = True
+        if self._current_request is not None:
+            _cut_short(self._current_request)
+        return True
 
     def data_received(self, data: bytes) -> None:
         requests_before = self._request_count
@@ -103,6 +114,8 @@ class GuardedRequestHandler(RequestHandler):
         start_time: float | None,
         request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
     ) -> tuple[web.StreamResponse, bool]:
+        if self._client_done:  # the client closed its side before this request was taken up
+            _cut_short(request)
         try:
             return await super()._handle_request(request, start_time, request_handler)
         finally:
@@ -177,6 +190,12 @@ class GuardedRequestHandler(RequestHandler):
             self.transport.write(_raw_reply(status, reason, error))
             self._record(status, error)
         self.force_close()  # the transport sends what was written, then closes
+
+
+def _cut_short(request: BaseRequest) -> None:
+    """A body still expected after the client's end of sending can't be complete any more."""
+    if not request.content.is_eof():
+        request._cancel(ConnectionResetError("the client closed its side before the body's end"))
 
 
 class GuardedServer(web.Server):
