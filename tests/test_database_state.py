@@ -202,6 +202,29 @@ async def test_a_trigger_refusing_one_message_quarantines_it_alone(
     assert (await post(client, orjson.dumps([flespi_message(1000)])))[0] == 200
 
 
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("statement", [REFUSALS["missing-table"], REFUSALS["internal-error"]])
+async def test_a_state_class_refusal_of_the_one_new_message_of_a_resend_is_content(
+    receiver: ClientFactory, db: asyncpg.Connection, statement: str, size: str
+) -> None:
+    # the others were stored before the trigger came; the resend brings one new message, which
+    # alone fails: the others' INSERTs still pass the trigger, so the failure is that message's
+    client = await receiver()
+    others = [flespi_message(i) for i in range(1 if size == "small" else 200)]
+    assert (await post(client, orjson.dumps(others)))[0] == 200
+    await refuse_in_trigger(db, statement, "NEW.ident = 'blocked'")
+    body = orjson.dumps([*others, {"ident": "blocked"}])
+    status, reply, _ = await post(client, body)
+    assert (status, reply) == (200, {"stored": 0, "duplicates": len(others), "rejected": 1})
+    assert await db.fetchval("SELECT raw FROM rejected_messages") == b'{"ident":"blocked"}'
+    assert await count(db) == len(others)
+    # a trigger that fails for every message still refuses the batch as the database's state
+    await db.execute("DROP TRIGGER refuse ON messages; DROP FUNCTION refuse()")
+    await refuse_in_trigger(db, statement, "true")
+    fresh = orjson.dumps([*others, flespi_message(5000)])
+    assert (await post(client, fresh))[0] == 503
+
+
 @pytest.mark.parametrize(
     ("statement", "outcome"),
     [

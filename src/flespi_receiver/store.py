@@ -264,7 +264,8 @@ async def _store_messages(
     stored = await _unless_careful(insert())
     if stored is not None:
         return stored
-    return await _insert_one_by_one(conn, stream, records, fresh, rejected)
+    settled = [m for i, m in by_identity.items() if i in existing]
+    return await _insert_one_by_one(conn, stream, records, fresh, rejected, settled)
 
 
 async def _copy(
@@ -298,10 +299,13 @@ async def _insert_one_by_one(
     records: list[tuple[Any, ...]],
     fresh: list[tuple[bytes, Message]],
     rejected: list[Rejected],
+    settled: list[Message],
 ) -> int:
     """PostgreSQL refused something in the batch: find which messages, keep the rest.
 
-    A message that fails while another one stores is refused content. When none stores,
+    A message that fails while another one stores is refused content. A message of the batch
+    stored before (`settled`, a resent batch) counts as one that stores when its INSERT still
+    passes: row triggers and privileges run before ON CONFLICT skips it. When none stores,
     the error's class decides between content and the database's state (failures.py),
     unless the message was quarantined before.
     """
@@ -317,6 +321,8 @@ async def _insert_one_by_one(
             if state_kind(exc) is not None:
                 raise
             failed.append((message, exc))
+    if failed and not succeeded and settled:
+        succeeded = await _still_insertable(conn, stream, settled[0])
     if failed and not succeeded:
         # a resent batch: what was quarantined before gets the same answer
         known = await _quarantined(conn, stream, [m.raw for m, _ in failed])
@@ -326,6 +332,22 @@ async def _insert_one_by_one(
                 raise DatabaseState(kind, error) from error
     rejected.extend(Rejected(m.raw, f"PostgreSQL refused it: {error}") for m, error in failed)
     return stored
+
+
+async def _still_insertable(conn: Connection, stream: str, message: Message) -> int:
+    """1 when the INSERT of a message stored before passes everything an INSERT runs (row
+    triggers, privileges, constraints), else 0; rolled back either way, nothing changes."""
+    probe = conn.transaction()
+    await probe.start()
+    try:
+        await _insert_skipping_conflicts(conn, [_record(stream, message)])
+    except asyncpg.PostgresError as exc:
+        if state_kind(exc) is not None:
+            raise
+        return 0
+    finally:
+        await probe.rollback()
+    return 1
 
 
 async def _quarantined(conn: Connection, stream: str, raws: list[bytes]) -> set[bytes]:
