@@ -42,6 +42,20 @@ async def test_an_integer_ident_of_any_size_is_kept_as_its_digits(
     assert [row["ident"] for row in idents][-len(BIG_IDENTS) :] == [str(i) for i in BIG_IDENTS]
 
 
+async def test_an_integer_ident_past_a_double_is_quarantined_like_every_such_number(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver()
+    kept, beyond = 10**307, 10**309  # 1.8e308 is the largest double
+    body = f'[{{"ident":{kept}}},{{"ident":{beyond}}}]'.encode()
+    reply = await client.post("/flespi", data=body, headers=AUTH)
+    assert await reply.json() == {"stored": 1, "duplicates": 0, "rejected": 1}
+    assert await db.fetchval("SELECT ident FROM messages") == str(kept)
+    assert (
+        await db.fetchval("SELECT raw FROM rejected_messages") == f'{{"ident":{beyond}}}'.encode()
+    )
+
+
 async def test_a_float_ident_has_no_text_form(
     receiver: ClientFactory, db: asyncpg.Connection
 ) -> None:
