@@ -17,7 +17,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from flespi_receiver.body import BodyReader
 from flespi_receiver.errors import BatchRejected, BodyError
-from flespi_receiver.failures import PoolExhausted
+from flespi_receiver.failures import PoolExhausted, database_kind
 from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.store import StoreResult, store_batch
 
@@ -68,7 +68,9 @@ async def store_pooled(
     """store_batch on a pooled connection: PoolExhausted, or whatever store_batch raises."""
     # two receivers storing overlapping batches in different orders can deadlock; PostgreSQL
     # then aborts one of them, which simply tries again
-    for attempt in range(DEADLOCK_ATTEMPTS):
+    deadlocks = 0
+    fresh_sessions = False
+    while True:
         try:
             async with borrowed(pool, limits.acquire_timeout) as conn:
                 return await store_batch(
@@ -80,8 +82,16 @@ async def store_pooled(
                     fields=fields,
                 )
         except asyncpg.TransactionRollbackError:
-            if attempt == DEADLOCK_ATTEMPTS - 1:
+            deadlocks += 1
+            if deadlocks == DEADLOCK_ATTEMPTS:
                 raise
-            if isinstance(body, BodyReader):
-                body = await body.read_all()  # the next attempt starts from the beginning
-    raise AssertionError("unreachable")
+        except Exception as exc:
+            # a session opened while the database was read-only stays read-only after it is
+            # writable again (default_transaction_read_only is read at the session's start):
+            # every pooled session is replaced and the batch tried once more on a new one
+            if fresh_sessions or database_kind(exc) != "read_only":
+                raise
+            fresh_sessions = True
+            await pool.expire_connections()
+        if isinstance(body, BodyReader):
+            body = await body.read_all()  # the next attempt starts from the beginning
