@@ -244,3 +244,22 @@ def test_a_bomb_comes_out_a_bounded_piece_at_a_time() -> None:
     decoder = _Decoder("gzip")
     decoder.push(gzip.compress(b" " * 100_000_000))  # 100 MB from about 100 KB
     assert len(decoder.pull()) == 256 * 1024
+
+
+async def test_a_large_body_meeting_a_lock_gets_503_after_command_timeout(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    # a body stored while it arrives is not read while its COPY waits for the lock: the
+    # database's wait is bound by command_timeout, not by body_timeout added to it
+    client = await receiver(extra="body_timeout = 60", database="command_timeout = 0.5")
+    body = orjson.dumps([flespi_message(i) for i in range(200)])
+    assert len(body) > STREAMED_BODY
+    async with db.transaction():
+        await db.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        raw = await asyncio.to_thread(send_partial_body, client.port, len(body), body)
+        answer = await asyncio.wait_for(reply_on(raw), 20)  # far below body_timeout
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert b"(command_timeout)" in answer
+    assert await count(db) == 0
+    reply = await client.post("/flespi", data=body, headers=AUTH)
+    assert (await reply.json())["stored"] == 200

@@ -60,6 +60,11 @@ SELECT raw_hash FROM rejected_messages WHERE stream = $1 AND raw_hash = ANY($2::
 
 # Up to this many messages, one INSERT statement beats COPY in a transaction.
 SMALL_BATCH = 50
+# the lock_timeout of one transaction, unless the session's own is shorter (pg_settings: ms)
+BOUND_LOCK_WAIT = """
+SELECT set_config('lock_timeout', $1, true) FROM pg_settings
+WHERE name = 'lock_timeout' AND (setting::bigint = 0 OR setting::bigint > $2)
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +135,8 @@ async def _store_batch(
 ) -> StoreResult:
     if isinstance(body, BodyReader):
         limit = None if command_timeout is None else body.remaining() + command_timeout
-        streamed = await _copy_optimistically(conn, _streamed_rows(stream, body, fields), limit)
+        rows = _streamed_rows(stream, body, fields)
+        streamed = await _copy_optimistically(conn, rows, limit, lock_wait=command_timeout)
         if streamed is not None:
             return StoreResult(messages=streamed, stored=streamed, duplicates=0, rejected=0)
         body = await body.read_all()
@@ -183,20 +189,38 @@ async def _store_optimistically(
 
 
 async def _copy_optimistically(
-    conn: Connection, copy_data: AsyncIterator[bytes], limit: float | None = None
+    conn: Connection,
+    copy_data: AsyncIterator[bytes],
+    limit: float | None = None,
+    lock_wait: float | None = None,
 ) -> int | None:
     """The common case, in one COPY: every message is new, valid and exactly re-encodable.
 
     Messages are checked and encoded while the first ones are already on their way to
     PostgreSQL. In a transaction of its own, committed on success; returns how many rows
     were stored, or None, having stored nothing, when the careful path is needed.
+    `lock_wait` (seconds): how long the COPY may wait for a lock, when `limit` also counts
+    the body's arrival (a body is not read while its COPY waits); past it DatabaseState
+    ("command_timeout").
     """
 
     async def copy() -> int:
         async with conn.transaction():
-            return await _copy(conn, copy_data, limit)
+            bounded = lock_wait is not None and await _bound_lock_wait(conn, lock_wait)
+            try:
+                return await _copy(conn, copy_data, limit)
+            except asyncpg.LockNotAvailableError as exc:
+                if bounded:  # our bound, not the server's own lock_timeout
+                    raise DatabaseState("command_timeout", exc) from exc
+                raise
 
     return await _unless_careful(copy())
+
+
+async def _bound_lock_wait(conn: Connection, seconds: float) -> bool:
+    """SET LOCAL lock_timeout to `seconds` unless the server's own is shorter; True if set."""
+    milliseconds = max(1, round(seconds * 1000))
+    return await conn.fetchval(BOUND_LOCK_WAIT, f"{milliseconds}ms", milliseconds) is not None
 
 
 async def _streamed_rows(
