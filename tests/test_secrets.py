@@ -42,6 +42,8 @@ READABLE = {
     "multi-host": f"postgresql://flespi:{SECRET}@h1:5432,h2:5433/flespi",
     "ipv6": f"postgresql://flespi:{SECRET}@[2001:db8::1]:5432/flespi",
     "empty-user": f"postgresql://:{SECRET}@db.example.com/flespi",
+    # not read as a password by libpq or asyncpg, but meant as one
+    "upper-case-parameter": f"postgresql://flespi@db.example.com/flespi?PASSWORD={SECRET}",
 }
 UNREADABLE = {
     "unencoded-slash": f"postgresql://flespi:{SECRET[:4]}/{SECRET[4:]}@db.example.com/flespi",

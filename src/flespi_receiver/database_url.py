@@ -39,8 +39,7 @@ class DatabaseUrl:
         if self.user or self.has_password:
             auth = self.user + (f":{MASK}" if self.has_password else "") + "@"
         pairs = [
-            f"{name}={MASK}" if unquote(name) in SECRET_PARAMETERS else f"{name}={value}"
-            for name, value in self.query
+            f"{name}={MASK}" if _secret(name) else f"{name}={value}" for name, value in self.query
         ]
         query = "?" + "&".join(pairs) if pairs else ""
         return f"{self.scheme}://{auth}{self.hosts}{self.path}{query}"
@@ -119,5 +118,11 @@ def database_passwords(url: str) -> list[str]:
     if parsed.has_password:
         auth = urlsplit(url).netloc.partition("@")[0]
         found.append(unquote(auth.partition(":")[2]))
-    found += [unquote(v) for n, v in parsed.query if unquote(n) in SECRET_PARAMETERS]
+    found += [unquote(v) for n, v in parsed.query if _secret(n)]
     return [p for p in found if p]
+
+
+def _secret(name: str) -> bool:
+    """A query parameter holding a password. libpq and asyncpg read only the lower-case
+    names, but `PASSWORD=` is a password a user meant to give: it is masked too."""
+    return unquote(name).strip().lower() in SECRET_PARAMETERS
