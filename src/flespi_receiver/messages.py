@@ -22,8 +22,6 @@ from flespi_receiver.splitter import NotExact, split_elements, without_bom
 
 # a JSON string that PostgreSQL's jsonb refuses
 _NUL_ESCAPE = b"\\u0000"
-# whitespace before a colon hides a key from key_count (found in a string too: then it's safe)
-_SPACE_BEFORE_COLON = (b" :", b"\n:", b"\t:", b"\r:")
 # the deepest nesting stored, the message object itself being level 1 (orjson's own limit)
 MAX_DEPTH = 1024
 
@@ -131,15 +129,20 @@ def judge_element(raw: bytes) -> Message | Rejected:
 
 
 def _duplicate_key(raw: bytes, canonical: bytes | None) -> str | None:
-    """A key `raw` holds twice in one object; `canonical` is its parse re-encoded."""
+    """A key `raw` holds twice in one object; `canonical` is its parse re-encoded.
+
+    Text that differs from `canonical` only by whitespace (json.dumps' defaults, indented
+    text) is proven by one compare once its whitespace is gone; other spellings (escapes,
+    number forms) by counting the keys on both sides, in C.
+    """
     if canonical is not None:
-        compact: bytes | None = raw
-        if any(space in raw for space in _SPACE_BEFORE_COLON):
-            try:
-                compact = msgspec.json.format(raw, indent=-1)  # whitespace gone, the rest as sent
-            except RecursionError:
-                compact = None
+        try:
+            compact: bytes | None = msgspec.json.format(raw, indent=-1)  # the rest as sent
+        except RecursionError:
+            compact = None
         if compact is not None:
+            if compact == canonical:
+                return None  # the same text as the parse: every key that was sent is in it
             keys = key_count(compact)
             if keys is not None and keys == key_count(canonical):
                 return None  # every key that was sent survived the parse
