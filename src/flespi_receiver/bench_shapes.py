@@ -26,12 +26,18 @@ from flespi_receiver.bench import (
     wait_for_port,
 )
 from flespi_receiver.embedded import free_port
+from flespi_receiver.emulator import encode_messages, sample_messages
 from flespi_receiver.messages import MAX_DEPTH
 
 
 def _repeat(element: bytes, size: int) -> bytes:
     count = max(1, size // (len(element) + 1))
     return b"[" + b",".join([element] * count) + b"]"
+
+
+def _flespi(size: int) -> bytes:
+    messages = encode_messages(sample_messages(max(1, size // 1100), seed=7))
+    return b"[" + b",".join(messages) + b"]"
 
 
 def _string(size: int) -> bytes:
@@ -66,6 +72,7 @@ def _not_an_array(size: int) -> bytes:
 
 
 SHAPES: dict[str, Callable[[int], bytes]] = {
+    "flespi messages of about 1 KB": _flespi,
     "one huge string": _string,
     "one huge array of integers": _array,
     "messages of 20 000 keys": _keys,
