@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 from typing import Any
 
@@ -10,6 +12,8 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from flespi_receiver.messages import MAX_REJECTED_ELEMENTS
 
 from conftest import Client, ClientFactory
 from helpers import AUTH, REJECT_STREAM, count, flespi_message
@@ -218,3 +222,29 @@ async def test_bad_message_in_a_large_batch(
     assert await post(client, body) == (200, {"stored": 120, "duplicates": 0, "rejected": 1})
     assert reason in await db.fetchval("SELECT reason FROM rejected_messages")
     assert await count(db) == 120
+
+
+@pytest.mark.parametrize("coding", ["identity", "gzip"])
+async def test_a_flood_of_refused_elements_is_kept_whole_as_one_row(
+    receiver: ClientFactory, db: asyncpg.Connection, coding: str
+) -> None:
+    client = await receiver()
+    # up to MAX_REJECTED_ELEMENTS refused elements are kept one by one, the rest stored
+    limit = MAX_REJECTED_ELEMENTS
+    status, reply = await post(client, b"[" + b",".join([b"0"] * limit + [GOOD]) + b"]")
+    assert (status, reply) == (200, {"stored": 1, "duplicates": 0, "rejected": limit})
+    assert await count(db, "rejected_messages") == 1  # the same text is kept once
+    # one more, whatever the body's size: the body is one row, nothing in it stored
+    flood = b"[" + b",".join([b"1"] * 300_000 + [orjson.dumps(flespi_message(2))]) + b"]"
+    headers = {**AUTH, "Content-Encoding": "gzip"} if coding == "gzip" else AUTH
+    sent = gzip.compress(flood) if coding == "gzip" else flood
+    reply = await client.post("/flespi", data=io.BytesIO(sent), headers=headers)
+    assert (reply.status, await reply.json()) == (
+        200,
+        {"stored": 0, "duplicates": 0, "rejected": 1},
+    )
+    raw, reason = await db.fetchrow("SELECT raw, reason FROM rejected_messages ORDER BY id DESC")
+    assert raw == flood
+    assert reason.startswith(f"body has more than {limit} elements that are not storable")
+    assert "not a JSON object but a number" in reason
+    assert await count(db) == 1

@@ -24,6 +24,9 @@ from flespi_receiver.splitter import NotExact, split_elements, without_bom
 _NUL_ESCAPE = b"\\u0000"
 # the deepest nesting stored, the message object itself being level 1 (orjson's own limit)
 MAX_DEPTH = 1024
+# a body with more refused elements than this is kept whole, as one rejected row: a flood of
+# refused elements (10 M zeros gzip into 20 KB) then costs the body, not an object each
+MAX_REJECTED_ELEMENTS = 1000
 
 
 def identity_of(raw: bytes) -> bytes:
@@ -172,10 +175,20 @@ def _decode_careful(body: bytes, fields: MessageFields) -> DecodedBatch:
         verdict = judge_element(raw)
         if isinstance(verdict, Rejected):
             batch.rejected.append(verdict)
+            if len(batch.rejected) > MAX_REJECTED_ELEMENTS:
+                return _kept_whole(body, batch.rejected[0].reason)
         else:
             _derive_columns(verdict, fields)
             batch.messages.append(verdict)
     return batch
+
+
+def _kept_whole(body: bytes, first_reason: str) -> DecodedBatch:
+    reason = (
+        f"body has more than {MAX_REJECTED_ELEMENTS} elements that are not storable messages "
+        f"(the first: {first_reason}); it is kept whole"
+    )
+    return DecodedBatch(rejected=[Rejected(body, reason)], body_error=reason)
 
 
 def _contains_nul(value: Any) -> bool:
