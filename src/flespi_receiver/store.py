@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,8 @@ SELECT raw_hash FROM rejected_messages WHERE stream = $1 AND raw_hash = ANY($2::
 
 # Up to this many messages, one INSERT statement beats COPY in a transaction.
 SMALL_BATCH = 50
+# bodies larger than this (bytes) are decoded carefully in a thread of their own
+THREADED_DECODE = 1024 * 1024
 # the lock_timeout of one transaction, unless the session's own is shorter (pg_settings: ms)
 BOUND_LOCK_WAIT = """
 SELECT set_config('lock_timeout', $1, true) FROM pg_settings
@@ -143,7 +146,11 @@ async def _store_batch(
     optimistic = await _store_optimistically(conn, stream, body, fields)
     if optimistic is not None:
         return optimistic
-    batch = decode_batch(body, fields)
+    # a large body's careful decoding takes seconds: in a thread, the other streams go on
+    decoding = (
+        asyncio.to_thread(decode_batch, body, fields) if len(body) > THREADED_DECODE else None
+    )
+    batch = await decoding if decoding is not None else decode_batch(body, fields)
     if not quarantine and batch.rejected:
         raise BatchRejected(batch.rejected[0].reason, whole_body=batch.body_error is not None)
     rejected = list(batch.rejected)
