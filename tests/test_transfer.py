@@ -259,7 +259,7 @@ async def test_a_large_body_meeting_a_lock_gets_503_after_command_timeout(
         raw = await asyncio.to_thread(send_partial_body, client.port, len(body), body)
         answer = await asyncio.wait_for(reply_on(raw), 20)  # far below body_timeout
     assert answer.startswith(b"HTTP/1.1 503"), answer
-    assert b"(command_timeout)" in answer
+    assert b"(lock_timeout)" in answer
     assert await count(db) == 0
     reply = await client.post("/flespi", data=body, headers=AUTH)
     assert (await reply.json())["stored"] == 200

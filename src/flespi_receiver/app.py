@@ -37,6 +37,7 @@ from flespi_receiver.state import (
     SCHEMA,
     InFlight,
 )
+from flespi_receiver.timeouts import bound_session, client_timeout
 
 log = structlog.get_logger("flespi_receiver.app")
 
@@ -77,13 +78,16 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
-class _Announcer:
-    """Each new connection says which [partitioning] this receiver has (partition_peers.py)."""
+class _SessionSetup:
+    """Each new connection lets PostgreSQL enforce command_timeout itself (timeouts.py) and
+    says which [partitioning] this receiver has (partition_peers.py)."""
 
     def __init__(self, settings: Settings) -> None:
         self.partitioning = settings.partitioning
+        self.command_timeout = settings.database.command_timeout
 
     async def __call__(self, conn: asyncpg.Connection, /) -> None:
+        await bound_session(conn, self.command_timeout)
         await announce(conn, self.partitioning)
 
 
@@ -95,10 +99,10 @@ def pool_context(settings: Settings, dsn: str) -> Callable[[web.Application], As
             dsn,
             min_size=1,
             max_size=db.pool_size,
-            command_timeout=db.command_timeout,
+            command_timeout=client_timeout(db.command_timeout),
             server_settings=connection_settings(settings),
             reset=_keep_session,
-            init=_Announcer(settings),
+            init=_SessionSetup(settings),
         )
         app[METRICS].pool.pool = app[POOL]
         try:

@@ -70,9 +70,11 @@ def state_kind(exc: BaseException) -> str | None:
         return _STATE_CODES.get(code) or _STATE_CLASSES.get(code[:2])
     if isinstance(exc, TimeoutError):  # asyncpg's command_timeout
         return "command_timeout"
-    if isinstance(exc, OSError):
-        return "connection"
+    if isinstance(exc, (OSError, asyncpg.ConnectionDoesNotExistError)):
+        return "connection"  # e.g. the server ended the session (pg_terminate_backend)
     if isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, asyncpg.DataError):
+        if "connection is closed" in str(exc):
+            return "connection"  # the session ended under an operation
         return "connection_state"  # e.g. the connection closed, another operation in progress
     if isinstance(exc, InternalClientError):
         return "connection_state"  # e.g. "cannot switch to state 15"

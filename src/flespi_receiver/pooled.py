@@ -8,6 +8,7 @@ state 15; another operation is in progress"); the pool opens a new one when need
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -50,10 +51,13 @@ async def borrowed(
         # (asyncpg waits for a COPY's cancellation before the rollback), the connection is fine
         raise
     except BaseException:
-        conn.terminate()
+        # already gone when the server ended the session: the original error is the news
+        with contextlib.suppress(asyncpg.InterfaceError):
+            conn.terminate()
         raise
     finally:
-        await pool.release(conn)
+        with contextlib.suppress(asyncpg.InterfaceError):
+            await pool.release(conn)
 
 
 async def store_pooled(

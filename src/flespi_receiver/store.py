@@ -24,6 +24,7 @@ from flespi_receiver.messages import (
     identity_of,
 )
 from flespi_receiver.splitter import ElementSplitter, NotExact, split_elements
+from flespi_receiver.timeouts import bound_streamed, client_timeout
 
 log = structlog.get_logger("flespi_receiver.store")
 
@@ -63,11 +64,6 @@ SELECT raw_hash FROM rejected_messages WHERE stream = $1 AND raw_hash = ANY($2::
 SMALL_BATCH = 50
 # bodies larger than this (bytes) are decoded carefully in a thread of their own
 THREADED_DECODE = 1024 * 1024
-# the lock_timeout of one transaction, unless the session's own is shorter (pg_settings: ms)
-BOUND_LOCK_WAIT = """
-SELECT set_config('lock_timeout', $1, true) FROM pg_settings
-WHERE name = 'lock_timeout' AND (setting::bigint = 0 OR setting::bigint > $2)
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +133,10 @@ async def _store_batch(
     fields: MessageFields,
 ) -> StoreResult:
     if isinstance(body, BodyReader):
-        limit = None if command_timeout is None else body.remaining() + command_timeout
+        arrival = body.remaining()
+        limit = None if command_timeout is None else client_timeout(arrival + command_timeout)
         rows = _streamed_rows(stream, body, fields)
-        streamed = await _copy_optimistically(conn, rows, limit, lock_wait=command_timeout)
+        streamed = await _copy_optimistically(conn, rows, limit, command_timeout, arrival)
         if streamed is not None:
             return StoreResult(messages=streamed, stored=streamed, duplicates=0, rejected=0)
         body = await body.read_all()
@@ -199,35 +196,25 @@ async def _copy_optimistically(
     conn: Connection,
     copy_data: AsyncIterator[bytes],
     limit: float | None = None,
-    lock_wait: float | None = None,
+    command_timeout: float | None = None,
+    arrival: float = 0.0,
 ) -> int | None:
     """The common case, in one COPY: every message is new, valid and exactly re-encodable.
 
     Messages are checked and encoded while the first ones are already on their way to
     PostgreSQL. In a transaction of its own, committed on success; returns how many rows
     were stored, or None, having stored nothing, when the careful path is needed.
-    `lock_wait` (seconds): how long the COPY may wait for a lock, when `limit` also counts
-    the body's arrival (a body is not read while its COPY waits); past it DatabaseState
-    ("command_timeout").
+    With `command_timeout`, the data arrives with a body (`arrival` seconds left for it):
+    PostgreSQL's own limits are set for that (timeouts.bound_streamed).
     """
 
     async def copy() -> int:
         async with conn.transaction():
-            bounded = lock_wait is not None and await _bound_lock_wait(conn, lock_wait)
-            try:
-                return await _copy(conn, copy_data, limit)
-            except asyncpg.LockNotAvailableError as exc:
-                if bounded:  # our bound, not the server's own lock_timeout
-                    raise DatabaseState("command_timeout", exc) from exc
-                raise
+            if command_timeout is not None:
+                await bound_streamed(conn, command_timeout, arrival)
+            return await _copy(conn, copy_data, limit)
 
     return await _unless_careful(copy())
-
-
-async def _bound_lock_wait(conn: Connection, seconds: float) -> bool:
-    """SET LOCAL lock_timeout to `seconds` unless the server's own is shorter; True if set."""
-    milliseconds = max(1, round(seconds * 1000))
-    return await conn.fetchval(BOUND_LOCK_WAIT, f"{milliseconds}ms", milliseconds) is not None
 
 
 async def _streamed_rows(
@@ -268,6 +255,9 @@ async def _store_messages(
         by_identity.setdefault(message.identity, message)
     if not by_identity:
         return 0
+    # a deferred constraint would refuse a message only at COMMIT, where no message can be
+    # told apart: checked at each statement instead, so that one message's refusal is its own
+    await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
     keys = [(as_datetime(m.columns[-1]), identity) for identity, m in by_identity.items()]
     found = await conn.fetch(EXISTING_MESSAGES, stream, *map(list, zip(*keys, strict=True)))
     existing = {row[0] for row in found}
