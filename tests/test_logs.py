@@ -91,6 +91,15 @@ NO_STREAM_REQUESTS = [
     (431, b"POST /flespi HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * 8000 + b"\r\n\r\n"),
     (431, b"POST /flespi HTTP/1.1\r\nHost: x\r\n" + (b"X-Filler: " + b"b" * 300 + b"\r\n") * 20),
     (431, b"POST /flespi HTTP/1.1\r\nHost: x\r\n" + b"X-Filler: 1\r\n" * 150 + b"\r\n"),
+    # complete headers over the limit, arriving in one piece with the body: never served
+    (
+        431,
+        b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: "
+        + TOKEN.encode()
+        + b"\r\n"
+        + (b"X-Big: " + b"c" * 1000 + b"\r\n") * 5
+        + b"Content-Length: 2\r\n\r\n[]",
+    ),
 ]
 
 
@@ -122,7 +131,7 @@ async def test_replies_outside_a_stream_are_one_batch_line_and_one_count(
     assert not [e for e in log_events(config) if e.get("logger") == "aiohttp.server"]
     for status in (400, 404, 405):
         assert f'flespi_receiver_requests_total{{status="{status}",stream=""}} 1.0' in metrics
-    assert 'flespi_receiver_requests_total{status="431",stream=""} 3.0' in metrics
+    assert 'flespi_receiver_requests_total{status="431",stream=""} 4.0' in metrics
 
 
 def http_get(port: int, path: str) -> str:

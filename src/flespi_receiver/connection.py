@@ -116,6 +116,10 @@ class GuardedRequestHandler(RequestHandler):
     ) -> tuple[web.StreamResponse, bool]:
         if self._client_done:  # the client closed its side before this request was taken up
             _cut_short(request)
+        if _header_size(request) > self._header_limits.max_size:
+            # headers that came in one piece with the body's start were not counted as they
+            # arrived: the request's own headers are measured before it is served
+            request_handler = self._headers_too_large
         try:
             return await super()._handle_request(request, start_time, request_handler)
         finally:
@@ -154,6 +158,18 @@ class GuardedRequestHandler(RequestHandler):
         self._record(status, reason)
         return response
 
+    async def _headers_too_large(self, request: BaseRequest) -> web.StreamResponse:
+        reason = f"request headers are larger than {self._header_limits.max_size} bytes"
+        response = web.Response(
+            status=431,
+            body=orjson.dumps({"error": reason}),
+            content_type="application/json",
+            headers={"Connection": "close"},
+        )
+        response.force_close()
+        self._record(431, reason)
+        return response
+
     def _record(self, status: int, reason: str) -> None:
         peer = self.transport.get_extra_info("peername") if self.transport else None
         record_reply(
@@ -190,6 +206,12 @@ class GuardedRequestHandler(RequestHandler):
             self.transport.write(_raw_reply(status, reason, error))
             self._record(status, error)
         self.force_close()  # the transport sends what was written, then closes
+
+
+def _header_size(request: BaseRequest) -> int:
+    """Bytes of the request line and headers as sent (names, values, separators, CRLFs)."""
+    line = len(request.method) + len(request.raw_path) + 12  # " HTTP/1.1\r\n" and a space
+    return line + sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
 
 
 def _cut_short(request: BaseRequest) -> None:
