@@ -239,7 +239,7 @@ async def test_a_batch_without_the_configured_time_fields_is_logged_once(
             assert (await client.post("/flespi", data=body, headers=AUTH)).status == 200
     warnings = [e for e in logs if "time field" in e["event"]]
     assert len(warnings) == 1
-    assert (warnings[0]["stream"], warnings[0]["server_timestamp"]) == ("main", "server_timestamp")
+    assert (warnings[0]["stream"], warnings[0]["server_ts_field"]) == ("main", "server_timestamp")
     assert await db.fetchval("SELECT count(*) FROM messages WHERE ts IS NULL") == 3
 
 

@@ -86,6 +86,7 @@ async def test_a_bug_is_a_500_with_one_batch_line_and_a_count(
 NO_STREAM_REQUESTS = [
     (404, b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n[]"),
     (405, b"GET /flespi HTTP/1.1\r\nHost: x\r\n\r\n"),
+    (404, b"CONNECT 127.0.0.1:5432 HTTP/1.1\r\nHost: 127.0.0.1:5432\r\n\r\n"),
     (400, b"POST /flespi HTTP/1.1\r\nHost: x\r\nBad\x01Header: " + TOKEN.encode() + b"\r\n\r\n"),
     # one line too long for the parser, lines too long together, too many lines
     (431, b"POST /flespi HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * 8000 + b"\r\n\r\n"),
@@ -122,6 +123,8 @@ async def test_replies_outside_a_stream_are_one_batch_line_and_one_count(
             assert head.split(b" ")[1] == str(status).encode(), reply
             assert orjson.loads(body)["error"], reply  # JSON with a reason, like every reply
             assert TOKEN.encode() not in reply  # the parser's error is not echoed
+            assert b"Connection: close" in head
+            assert b"X-Request-Id: " in head
         metrics = await asyncio.to_thread(http_get, port, "/metrics")
         process.terminate()
         assert process.wait(20) == 0
@@ -129,8 +132,8 @@ async def test_replies_outside_a_stream_are_one_batch_line_and_one_count(
     assert sorted(e["status"] for e in lines) == sorted(s for s, _ in NO_STREAM_REQUESTS)
     assert all(e["reason"] and e["request_id"] for e in lines)
     assert not [e for e in log_events(config) if e.get("logger") == "aiohttp.server"]
-    for status in (400, 404, 405):
-        assert f'flespi_receiver_requests_total{{status="{status}",stream=""}} 1.0' in metrics
+    for status, times in ((400, 1), (404, 2), (405, 1)):
+        assert f'flespi_receiver_requests_total{{status="{status}",stream=""}} {times}.0' in metrics
     assert 'flespi_receiver_requests_total{status="431",stream=""} 4.0' in metrics
 
 

@@ -131,16 +131,20 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except Exception as exc:
         failure = exc
         response = error_response(500, "internal error; the batch was not stored")
+    rid = request_id(request.headers.get("X-Request-Id"))
     record_reply(
         request.app[METRICS],
         response.status,
         reason=reason_of(response),
         failure=failure,
-        request_id=request_id(request.headers.get("X-Request-Id")),
+        request_id=rid,
         client=request.remote,
         method=request.method,
         path=request.path,
     )
+    response.headers["X-Request-Id"] = rid
+    # a request that reached no stream (a CONNECT, a wrong path) gets no second one here
+    response.force_close()
     return response
 
 

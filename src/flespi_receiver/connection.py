@@ -44,11 +44,12 @@ class HeaderLimits:
     timeout: float
 
 
-def _raw_reply(status: int, reason: str, error: str) -> bytes:
+def _raw_reply(status: int, reason: str, error: str, rid: str) -> bytes:
     body = orjson.dumps({"error": error})
     return (
         f"HTTP/1.1 {status} {reason}\r\nServer: {SERVER_NAME}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"X-Request-Id: {rid}\r\n\r\n"
     ).encode() + body
 
 
@@ -148,37 +149,40 @@ class GuardedRequestHandler(RequestHandler):
             status = 431  # a header line past max_header_size (or 8190), or over 100 lines
         kind = type(exc).__name__ if exc is not None else HTTPStatus(status).phrase
         reason = f"malformed HTTP request ({kind})" if status == 400 else kind
+        rid = self._record(status, reason)
         response = web.Response(
             status=status,
             body=orjson.dumps({"error": reason}),
             content_type="application/json",
-            headers={"Server": SERVER_NAME, "Connection": "close"},
+            headers={"Server": SERVER_NAME, "Connection": "close", "X-Request-Id": rid},
         )
         response.force_close()
-        self._record(status, reason)
         return response
 
     async def _headers_too_large(self, request: BaseRequest) -> web.StreamResponse:
         reason = f"request headers are larger than {self._header_limits.max_size} bytes"
+        rid = self._record(431, reason)
         response = web.Response(
             status=431,
             body=orjson.dumps({"error": reason}),
             content_type="application/json",
-            headers={"Connection": "close"},
+            headers={"Connection": "close", "X-Request-Id": rid},
         )
         response.force_close()
-        self._record(431, reason)
         return response
 
-    def _record(self, status: int, reason: str) -> None:
+    def _record(self, status: int, reason: str) -> str:
+        """One `batch` line and one count for a reply made here; returns its request id."""
         peer = self.transport.get_extra_info("peername") if self.transport else None
+        rid = uuid.uuid4().hex[:16]
         record_reply(
             self._metrics,
             status,
             reason=reason,
-            request_id=uuid.uuid4().hex[:16],
+            request_id=rid,
             client=peer[0] if isinstance(peer, tuple) else None,
         )
+        return rid
 
     def _arm_header_timer(self) -> None:
         self._header_timer = self._loop.call_later(
@@ -203,8 +207,8 @@ class GuardedRequestHandler(RequestHandler):
         self._disarm_header_timer()
         self._awaiting_headers = False
         if self.transport is not None:
-            self.transport.write(_raw_reply(status, reason, error))
-            self._record(status, error)
+            rid = self._record(status, error)
+            self.transport.write(_raw_reply(status, reason, error, rid))
         self.force_close()  # the transport sends what was written, then closes
 
 

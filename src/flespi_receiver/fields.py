@@ -38,6 +38,8 @@ NO_TIME = 946684800.0
 _MIN_EPOCH = -2208988800
 _MAX_EPOCH = 253402300799
 _INT64 = 2**63
+# the largest integer every smaller one of which a double holds exactly
+_EXACT_FLOAT = 2**53
 
 
 # 2000-01-01 UTC, where PostgreSQL counts its timestamps from, in Unix seconds
@@ -73,10 +75,11 @@ class _NullIfInvalid:
 
 # a number of seconds since the Unix epoch, in 1900 .. 9999 (absurd for a device clock outside)
 _Epoch = Annotated[float, Strict(), Field(ge=_MIN_EPOCH, le=_MAX_EPOCH, allow_inf_nan=False)]
-# a bigint: an integer, or a float with no fraction, that fits 64 bits
+# a bigint: an integer that fits 64 bits, or a float with no fraction that is exactly an
+# integer (|x| <= 2**53; an integer of the text past 64 bits arrives as a rounded float)
 _Bigint = (
     Annotated[int, Strict(), Field(ge=-_INT64, lt=_INT64)]
-    | Annotated[float, Strict(), Field(ge=-_INT64, lt=_INT64, multiple_of=1.0)]
+    | Annotated[float, Strict(), Field(ge=-_EXACT_FLOAT, le=_EXACT_FLOAT, multiple_of=1.0)]
 )
 # a string as is, an integer as its digits; a float only when it is an integer too big for
 # orjson's 64 bits, whose digits are then read from the text (columns)

@@ -118,8 +118,8 @@ async def store_batch(
         log.warning(
             "no message of the batch has a time field; check the stream's field names",
             stream=stream,
-            timestamp=fields.names["ts"],
-            server_timestamp=fields.names["server_ts"],
+            ts_field=fields.names["ts"],
+            server_ts_field=fields.names["server_ts"],
         )
     return result
 
