@@ -30,6 +30,7 @@ from flespi_receiver.copy_format import copy_chunks
 from flespi_receiver.embedded import free_port
 from flespi_receiver.emulator import StreamEmulator, batches_of, encode_messages, sample_messages
 from flespi_receiver.fields import MESSAGE_COLUMNS, columns
+from flespi_receiver.identity import Identity
 from flespi_receiver.messages import Message
 from flespi_receiver.migrate import create_migrated_database
 from flespi_receiver.progress import progress_bar
@@ -169,15 +170,22 @@ def emulated_run(name: str, size: int, emulator: StreamEmulator, seconds: float,
 
 
 def receiver_config(
-    directory: Path, url: str, port: int, max_body: int, device_state: bool = False
+    directory: Path,
+    url: str,
+    port: int,
+    max_body: int,
+    device_state: bool = False,
+    identity: Identity = "text",
 ) -> Path:
-    """The receiver's config; without device state it does what COPY does: store the rows."""
+    """The receiver's config; without device state it does what COPY does: store the rows.
+    `identity`: what the stream keys its messages by (identity.py)."""
     config = directory / "bench.toml"
     state = "true" if device_state else 'false\nnotify_channel = ""'
     config.write_text(
         f'[server]\nport = {port}\nmax_body_size = {max_body}\n[log]\nformat = "json"\n'
         f'[database]\nurl = "{url}"\nschema = "{SCHEMA}"\ndevice_state = {state}\n'
         f'[[streams]]\nname = "main"\npath = "/flespi"\nauthorization = ["{TOKEN}"]\n'
+        f'identity = "{identity}"\n'
     )
     return config
 
@@ -190,6 +198,7 @@ async def bench_batch_size(
     workdir: Path,
     device_state: bool,
     spelling: Spelling = "compact",
+    identity: Identity = "text",
 ) -> list[Run]:
     """One round: COPY, the receiver and the naive receiver take turns, batch by batch.
 
@@ -203,7 +212,7 @@ async def bench_batch_size(
     batches = list(batches_of(sent, size))
     copy_data = copy_batches(encoded, size)
     receiver_port, naive_port = free_port(), free_port()
-    config = receiver_config(workdir, url, receiver_port, 512 * 1024 * 1024, device_state)
+    config = receiver_config(workdir, url, receiver_port, 512 * 1024 * 1024, device_state, identity)
     serve = [sys.executable, "-m", "flespi_receiver", "serve", "--config", str(config)]
     naive = [
         sys.executable,
@@ -328,6 +337,7 @@ async def run_benchmark(
     rounds: int = 3,
     device_state: bool = False,
     spelling: Spelling = "compact",
+    identity: Identity = "text",
 ) -> dict[str, Any]:
     url = await prepare_database(admin_url)
     runs: list[Run] = []
@@ -343,7 +353,14 @@ async def run_benchmark(
                 bar.set_description(f"batch size {size}, round {number}/{rounds}")
                 measured.append(
                     await bench_batch_size(
-                        url, size, messages, gzip_level, Path(workdir), device_state, spelling
+                        url,
+                        size,
+                        messages,
+                        gzip_level,
+                        Path(workdir),
+                        device_state,
+                        spelling,
+                        identity,
                     )
                 )
                 bar.update(1)
@@ -356,6 +373,7 @@ async def run_benchmark(
         gzip=gzip_level is not None,
         rounds=rounds,
         spelling=spelling,
+        identity=identity,
     )
     print(orjson.dumps(summary).decode())
     return summary

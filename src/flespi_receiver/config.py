@@ -25,7 +25,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from flespi_receiver.config_sources import ENV_PREFIX, describe, merge, read_environment
 from flespi_receiver.database_url import database_passwords, mask_database_url, parse_database_url
 from flespi_receiver.errors import ConfigError
-from flespi_receiver.fields import MESSAGE_COLUMNS, names_in
+from flespi_receiver.fields import MESSAGE_COLUMNS, MessageFields, names_in
+from flespi_receiver.identity import Identity
 
 CONFIG_ENV = "FLESPI_RECEIVER_CONFIG"
 DEFAULT_CONFIG = Path("config.toml")
@@ -143,6 +144,13 @@ class StreamSettings(_Section):
     on_invalid: Literal["quarantine", "reject"] = "quarantine"
     fields: FieldNamesSettings = FieldNamesSettings()
     allowed_networks: list[IPvAnyNetwork] = Field(default_factory=list)
+    # what makes two messages one: their text as sent (the fastest), or their content however
+    # spelled (identity.py; `flespi-receiver backfill` needs it)
+    identity: Identity = "text"
+
+    def message_fields(self) -> MessageFields:
+        """How this stream's messages are read; build it once per stream and keep it."""
+        return MessageFields(self.fields.in_effect(), content_identity=self.identity == "content")
 
     @field_validator("path")
     @classmethod

@@ -13,6 +13,7 @@ import structlog
 from flespi_receiver.columns import apply_columns
 from flespi_receiver.config import Settings
 from flespi_receiver.errors import CommandFailed
+from flespi_receiver.identity_upgrade import apply_identities
 from flespi_receiver.migrate import migrate
 from flespi_receiver.partitions import ensure_partitioned, maintain
 from flespi_receiver.trigger import apply_trigger
@@ -101,6 +102,8 @@ async def apply_migrations(settings: Settings, dsn: str) -> None:
     conn = await connect(settings, dsn)
     try:
         applied = await migrate(conn, settings.database.schema_name)
+        identities = {stream.name: stream.identity for stream in settings.streams}
+        await apply_identities(conn, identities, progress=_upgrade_progress)
         await ensure_partitioned(conn, settings.partitioning)
         await maintain(conn, settings.partitioning)
         await apply_columns(conn, settings.columns)
@@ -112,3 +115,7 @@ async def apply_migrations(settings: Settings, dsn: str) -> None:
         schema=settings.database.schema_name,
         applied=[f"{m.version:04d}_{m.name}" for m in applied],
     )
+
+
+def _upgrade_progress(stream: str, done: int, below: int) -> None:
+    log.info("re-keying by content", stream=stream, rows_done=done, ids_left_below=below)

@@ -129,11 +129,13 @@ _typed_dict: Any = TypedDict
 
 
 class MessageFields:
-    """The known fields of one stream's messages, by the names that stream uses: a pydantic
-    TypedDict validator built once, used for every message."""
+    """How one stream's messages are read: the known fields, by the names that stream uses (a
+    pydantic TypedDict validator built once, used for every message), and whether the stream
+    keys its messages by content rather than by their text (identity.py)."""
 
-    def __init__(self, names: dict[str, str]) -> None:
+    def __init__(self, names: dict[str, str], *, content_identity: bool = False) -> None:
         self.names = names
+        self.content_identity = content_identity
         known = _typed_dict(
             "KnownFields",
             {

@@ -24,7 +24,6 @@ from flespi_receiver.errors import (
     ShutdownTimeout,
 )
 from flespi_receiver.failures import DatabaseState, database_kind
-from flespi_receiver.fields import MessageFields
 from flespi_receiver.metrics import Metrics
 from flespi_receiver.network import (
     Address,
@@ -132,7 +131,7 @@ class StreamEndpoint:
         credentials = [v.get_secret_value().encode("utf-8") for v in stream.authorization]
         # one assignment: a request sees the old settings or the new ones, never a mix
         self.current = (stream, credentials)
-        self.fields = MessageFields(stream.fields.in_effect())
+        self.fields = stream.message_fields()
         self.removed = False
 
     def remove(self) -> None:

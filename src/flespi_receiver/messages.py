@@ -8,7 +8,6 @@ the others, and keeps the good messages and the rejected content apart.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ import msgspec
 import orjson
 
 from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
+from flespi_receiver.identity import message_identity, text_identity
 from flespi_receiver.json_scan import duplicate_key, key_count, split_array
 from flespi_receiver.splitter import NotExact, split_elements, without_bom
 
@@ -31,7 +31,7 @@ MAX_REJECTED_ELEMENTS = 1000
 
 def identity_of(raw: bytes) -> bytes:
     """SHA-256 of the text as sent, cut to 16 bytes: equal for a re-sent message, else not."""
-    return hashlib.sha256(raw).digest()[:16]
+    return text_identity(raw)
 
 
 @dataclass(slots=True)
@@ -42,10 +42,16 @@ class Message:
     raw: bytes
     data: dict[str, Any]
     columns: tuple[Any, ...] = ()
+    # for a stream keyed by content: computed with the columns, before the parse is let go
+    content_identity: bytes | None = None
 
     @property
     def identity(self) -> bytes:
-        return identity_of(self.raw)
+        """What the stream's unique key holds: the content identity when the stream is keyed
+        by content, else the hash of the text as sent (identity.py)."""
+        if self.content_identity is not None:
+            return self.content_identity
+        return text_identity(self.raw)
 
 
 @dataclass(slots=True)
@@ -100,6 +106,8 @@ def _derive_columns(message: Message, fields: MessageFields) -> None:
     """The message's columns; its parsed object is let go then, as nothing needs it any more:
     a batch kept whole (the careful path) holds its texts, not their far larger parses."""
     message.columns = fields.columns(message.data, message.raw)
+    if fields.content_identity:
+        message.content_identity = message_identity(message.data, message.raw)
     message.data = {}
 
 

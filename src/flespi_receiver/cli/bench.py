@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command
 from flespi_receiver.errors import CommandFailed
+from flespi_receiver.identity import IDENTITIES
 from flespi_receiver.spellings import SPELLINGS
 
 DEFAULT_DATA_DIR = Path(".data/bench-postgres")
@@ -50,6 +51,13 @@ def register(commands: Subcommands) -> None:
         help="how the receivers' bodies spell the JSON: compact (as orjson writes it), spaced "
         "(json.dumps defaults), escaped (non-ASCII as \\uXXXX, / as \\/), pretty (indented); "
         "COPY gets the same rows whatever the spelling (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--identity",
+        choices=IDENTITIES,
+        default="text",
+        help="the receiver's stream keys messages by their text as sent, or by their content "
+        'however spelled (identity = "content", what backfill needs) (default: %(default)s)',
     )
     bench.add_argument(
         "--device-state",
@@ -137,5 +145,12 @@ async def _bench_on(url: str, args: argparse.Namespace) -> None:
     else:
         gzip_level = 6 if args.gzip else None
         await bench.run_benchmark(
-            url, sizes, args.count, gzip_level, args.rounds, args.device_state, args.spelling
+            url,
+            sizes,
+            args.count,
+            gzip_level,
+            args.rounds,
+            args.device_state,
+            args.spelling,
+            args.identity,
         )

@@ -17,7 +17,6 @@ from flespi_receiver.cli.common import (
     with_connection,
 )
 from flespi_receiver.database import Database
-from flespi_receiver.fields import MessageFields
 from flespi_receiver.progress import progress_bar
 from flespi_receiver.replay import ReplaySelection, ReplaySummary, replay_rejected
 
@@ -48,7 +47,7 @@ def run_replay(args: argparse.Namespace) -> int:
         stream=args.stream, ids=args.ids, reason=args.reason, since=args.since
     )
 
-    fields = {s.name: MessageFields(s.fields.in_effect()) for s in settings.streams}
+    fields = {s.name: s.message_fields() for s in settings.streams}
 
     async def work(conn: asyncpg.Connection, _: Database) -> ReplaySummary:
         with progress_bar(None, "rows", "replaying rejected_messages") as bar:
