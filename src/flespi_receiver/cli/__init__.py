@@ -15,10 +15,12 @@ import structlog
 
 from flespi_receiver import __version__
 from flespi_receiver.cli import (
+    backfill,
     bench,
     check_config,
     db_url,
     emulate,
+    gaps,
     migrate,
     psql,
     rejected,
@@ -30,7 +32,19 @@ from flespi_receiver.errors import ReceiverError
 
 log = structlog.get_logger("flespi_receiver.cli")
 
-COMMANDS = (serve, migrate, check_config, status, rejected, db_url, psql, emulate, bench)
+COMMANDS = (
+    serve,
+    migrate,
+    check_config,
+    status,
+    gaps,
+    rejected,
+    backfill,
+    db_url,
+    psql,
+    emulate,
+    bench,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
