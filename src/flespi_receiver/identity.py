@@ -38,7 +38,6 @@ IDENTITIES: tuple[Identity, ...] = ("text", "content")
 
 # the fields flespi adds to a channel's message when it belongs to a registered device
 DEVICE_FIELDS = frozenset(("device.id", "device.name", "device.type.id"))
-_SORTED = orjson.OPT_SORT_KEYS
 # doubles with no fraction up to this size are exact integers
 _EXACT = 2.0**53
 
@@ -58,20 +57,41 @@ def message_identity(data: dict[str, Any], raw: bytes) -> bytes:
 def canonical_identity(data: dict[str, Any]) -> bytes | None:
     """The spelling-independent identity, or None for a message nested too deep for it."""
     try:
-        canonical = {key: _value(value) for key, value in data.items() if key not in DEVICE_FIELDS}
-        return hashlib.sha256(orjson.dumps(canonical, option=_SORTED)).digest()[:16]
+        return hashlib.sha256(orjson.dumps(_canonical(data, True))).digest()[:16]
     except (orjson.JSONEncodeError, RecursionError):
         return None
 
 
-def _value(value: Any) -> Any:
-    kind = type(value)
-    if kind is float:
-        if value.is_integer() and -_EXACT <= value <= _EXACT:
-            return int(value)
-        return value
-    if kind is dict:
-        return {key: _value(item) for key, item in value.items()}
-    if kind is list:
-        return [_value(item) for item in value]
-    return value
+def _canonical(data: dict[str, Any], top: bool) -> dict[str, Any]:
+    # keys sorted here (faster than orjson's OPT_SORT_KEYS), one loop, no call per scalar:
+    # most values of a flespi message are flat numbers and strings
+    canonical = {}
+    for key in sorted(data):
+        value = data[key]
+        kind = type(value)
+        if kind is float:
+            if value.is_integer() and -_EXACT <= value <= _EXACT:
+                value = int(value)
+        elif kind is dict:
+            value = _canonical(value, False)
+        elif kind is list:
+            value = _canonical_list(value)
+        elif top and key in DEVICE_FIELDS:
+            continue
+        canonical[key] = value
+    return canonical
+
+
+def _canonical_list(items: list[Any]) -> list[Any]:
+    canonical = []
+    for value in items:
+        kind = type(value)
+        if kind is float:
+            if value.is_integer() and -_EXACT <= value <= _EXACT:
+                value = int(value)
+        elif kind is dict:
+            value = _canonical(value, False)
+        elif kind is list:
+            value = _canonical_list(value)
+        canonical.append(value)
+    return canonical

@@ -12,17 +12,20 @@ import asyncpg
 import orjson
 
 from flespi_receiver.backfill import (
+    MAX_PAGE_SIZE,
     PAGE_SIZE,
     BackfillRange,
     BackfillSummary,
     backfill,
     require_content_identity,
 )
+from flespi_receiver.cli.arguments import http_url, integer
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command, load, with_connection
 from flespi_receiver.database import Database, apply_migrations
 from flespi_receiver.errors import ConfigError
 from flespi_receiver.flespi_api import DEFAULT_API_URL, FlespiApi
 from flespi_receiver.progress import progress_bar
+from flespi_receiver.redact import REDACTOR
 from flespi_receiver.times import parse_time
 
 TOKEN_ENV = "FLESPI_TOKEN"  # noqa: S105 (the name of the variable, not a token)
@@ -61,10 +64,12 @@ def register(commands: Subcommands) -> None:
         type=Path,
         help=f"file holding the flespi token (default: ${TOKEN_ENV}); never on the command line",
     )
-    command.add_argument("--api-url", default=DEFAULT_API_URL, help="default: %(default)s")
+    command.add_argument(
+        "--api-url", type=http_url, default=DEFAULT_API_URL, help="default: %(default)s"
+    )
     command.add_argument(
         "--page-size",
-        type=int,
+        type=integer(1, MAX_PAGE_SIZE),
         default=PAGE_SIZE,
         help="messages per request and per transaction (default: %(default)s)",
     )
@@ -101,12 +106,11 @@ def run(args: argparse.Namespace) -> int:
     stream = named[0]
     fields = stream.message_fields()
     require_content_identity(stream.name, fields)
-    if args.page_size < 1:
-        raise ConfigError("--page-size must be at least 1")
     target = BackfillRange(args.stream, args.devices, parse_time(args.start), parse_time(args.end))
     if target.end < target.start:
         raise ConfigError("--to is before --from")
     token = read_token(args.token_file)
+    REDACTOR.add([token])  # whatever might quote it (an error, a log line) shows it masked
 
     async def work(conn: asyncpg.Connection, database: Database) -> BackfillSummary:
         await apply_migrations(settings, database.url)
