@@ -93,4 +93,5 @@ async def test_the_gaps_command_prints_each_gap_with_its_backfill(
         "2 devices reporting around it",
         f"    flespi-receiver backfill --stream main --devices all "
         f"--from {gap_from.timestamp():.0f} --to {gap_to.timestamp():.0f}",
+        '    (first set identity = "content" for main: docs/recovery.md)',
     ]

@@ -37,6 +37,17 @@ def share(text: str) -> float:
     return value
 
 
+def positive_number(text: str) -> float:
+    """A number above 0, like 14 or 0.5."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: a number above 0, like 14")
+    return value
+
+
 def http_url(text: str) -> str:
     """An http:// or https:// URL with a host."""
     parts = urlsplit(text)

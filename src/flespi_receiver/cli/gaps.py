@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import orjson
 
+from flespi_receiver.cli.arguments import positive_number
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command, load, with_connection
-from flespi_receiver.database import Database, apply_migrations
+from flespi_receiver.database import Database
 from flespi_receiver.gaps import Gap, find_gaps
 from flespi_receiver.times import TimeFormatError, duration, parse_duration
 
@@ -24,7 +25,10 @@ def register(commands: Subcommands) -> None:
     )
     command.add_argument("--stream", help="only this stream")
     command.add_argument(
-        "--days", type=float, default=30.0, help="look this many days back (default: %(default)s)"
+        "--days",
+        type=positive_number,
+        default=30.0,
+        help="look this many days back (default: %(default)s)",
     )
     command.add_argument(
         "--min-gap",
@@ -46,13 +50,14 @@ def _duration(text: str) -> timedelta:
 def run(args: argparse.Namespace) -> int:
     settings, _ = load(args)
 
+    # a look only: nothing is migrated or re-keyed (an unmigrated database is said so)
     async def work(conn: asyncpg.Connection, database: Database) -> list[Gap]:
-        await apply_migrations(settings, database.url)
         now = datetime.now(UTC)
         since = now - timedelta(days=args.days)
         return await find_gaps(conn, now=now, since=since, min_gap=args.min_gap, stream=args.stream)
 
     gaps = with_connection(settings, work)
+    by_text = {s.name for s in settings.streams if s.identity == "text"}
     if args.json:
         for gap in gaps:
             print(orjson.dumps(_as_dict(gap)).decode())
@@ -69,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
             f"{duration(gap.length.total_seconds())}, {gap.devices} devices reporting around it"
         )
         print(f"    {gap.backfill_command()}")
+        if gap.stream in by_text:
+            print(f'    (first set identity = "content" for {gap.stream}: docs/recovery.md)')
     return EXIT_OK
 
 
