@@ -192,6 +192,27 @@ async def refuse_in_trigger(db: asyncpg.Connection, statement: str, when: str) -
 
 
 @pytest.mark.parametrize("size", ["small", "large"])
+async def test_a_broken_after_trigger_is_the_database_state_also_in_a_resend(
+    receiver: ClientFactory, db: asyncpg.Connection, size: str
+) -> None:
+    # the message stored before must not pass for one that still stores: ON CONFLICT skips
+    # it before any AFTER trigger runs
+    client = await receiver()
+    old = [flespi_message(0)]
+    assert (await post(client, orjson.dumps(old)))[0] == 200
+    await db.execute(
+        "CREATE FUNCTION broken_after() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "PERFORM 1 FROM no_such_table; RETURN NULL; END $$; "
+        "CREATE TRIGGER broken_after AFTER INSERT ON messages "
+        "FOR EACH ROW EXECUTE FUNCTION broken_after()"
+    )
+    fresh = [flespi_message(i) for i in range(1, 3 if size == "small" else 200)]
+    await assert_unavailable(client, orjson.dumps([*old, *fresh]), "table_missing")
+    assert await count(db, "rejected_messages") == 0
+    assert await count(db) == 1
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
 async def test_a_deferred_constraint_refusing_one_message_quarantines_it(
     receiver: ClientFactory, db: asyncpg.Connection, size: str
 ) -> None:

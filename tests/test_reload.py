@@ -88,7 +88,13 @@ async def test_a_removed_stream_stops_accepting_at_reload(
         config.write_text(original)
         process.send_signal(signal.SIGHUP)
         await asyncio.sleep(0.4)
-        assert await post(port, "/second", second) == 404
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"http://127.0.0.1:{port}/second", data=BODY, headers=second) as gone,
+        ):
+            assert gone.status == 404
+            assert gone.headers["X-Request-Id"]
+            assert gone.headers["Connection"] == "close"
         assert await post(port, "/flespi", AUTH) == 200
         process.terminate()
         assert process.wait(20) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import socket
+import struct
 import zlib
 from collections.abc import Callable
 
@@ -263,3 +264,42 @@ async def test_a_large_body_meeting_a_lock_gets_503_after_command_timeout(
     assert await count(db) == 0
     reply = await client.post("/flespi", data=body, headers=AUTH)
     assert (await reply.json())["stored"] == 200
+
+
+async def test_a_client_gone_while_waiting_for_100_continue_is_a_400_not_a_bug(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    # a reset (SO_LINGER 0) while the receiver writes 100 Continue
+    client = await receiver()
+    raw = socket.create_connection(("127.0.0.1", client.port))
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with capture_logs() as logs:
+        raw.sendall(
+            b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: " + TOKEN.encode() + b"\r\n"
+            b"Expect: 100-continue\r\nContent-Length: 42\r\n\r\n"
+        )
+        raw.close()
+        for _ in range(100):
+            if any(e["event"] == "batch" for e in logs):
+                break
+            await asyncio.sleep(0.05)
+    (line,) = [e for e in logs if e["event"] == "batch"]
+    assert line["status"] == 400
+    assert await count(db) == 0
+
+
+async def test_a_slow_large_body_is_not_charged_to_the_server_statement_timeout(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    # the server's own statement_timeout is shorter than the body takes to arrive: the arrival
+    # is not the database's work, and the body is stored
+    name = await db.fetchval("SELECT current_database()")
+    await db.execute(f"ALTER DATABASE {name} SET statement_timeout = '500ms'")
+    client = await receiver(extra="body_timeout = 10")
+    body = orjson.dumps([flespi_message(i) for i in range(200)])
+    raw = await asyncio.to_thread(send_partial_body, client.port, len(body), body[:60_000])
+    await asyncio.sleep(1.5)
+    raw.sendall(body[60_000:])
+    answer = await reply_on(raw)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert await count(db) == 200

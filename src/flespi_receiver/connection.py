@@ -71,6 +71,7 @@ class GuardedRequestHandler(RequestHandler):
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._client_done = False  # the client closed its sending side (half-close)
+        self._header_tail = b""  # the last bytes counted, to see a blank line cut in two
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -91,6 +92,13 @@ class GuardedRequestHandler(RequestHandler):
         return True
 
     def data_received(self, data: bytes) -> None:
+        if self._awaiting_headers and self._over_header_budget(data):
+            self._refuse(
+                431,
+                "Request Header Fields Too Large",
+                f"request headers are larger than {self._header_limits.max_size} bytes",
+            )
+            return  # never parsed, never served
         requests_before = self._request_count
         super().data_received(data)
         if not self._awaiting_headers:
@@ -98,16 +106,22 @@ class GuardedRequestHandler(RequestHandler):
         if self._request_count != requests_before:  # the headers are complete
             self._awaiting_headers = False
             self._disarm_header_timer()
+            self._header_tail = b""
             return
-        self._header_bytes += len(data)
-        if self._header_bytes > self._header_limits.max_size:
-            self._refuse(
-                431,
-                "Request Header Fields Too Large",
-                f"request headers are larger than {self._header_limits.max_size} bytes",
-            )
-        elif data and self._header_timer is None:
+        if data and self._header_timer is None:
             self._arm_header_timer()
+
+    def _over_header_budget(self, data: bytes) -> bool:
+        """Count the bytes of `data` up to the end of the headers (the blank line), as sent:
+        whitespace and the chunk that also brings the body's start count too."""
+        seen = self._header_tail + data
+        end = seen.find(b"\r\n\r\n")
+        if end == -1:
+            self._header_bytes += len(data)
+            self._header_tail = seen[-3:]
+        else:
+            self._header_bytes += end + 4 - len(self._header_tail)
+        return self._header_bytes > self._header_limits.max_size
 
     async def _handle_request(
         self,
@@ -130,6 +144,7 @@ class GuardedRequestHandler(RequestHandler):
             if request.content.at_eof():
                 self._awaiting_headers = True
                 self._header_bytes = 0
+                self._header_tail = b""
 
     def handle_error(
         self,
@@ -166,7 +181,7 @@ class GuardedRequestHandler(RequestHandler):
             status=431,
             body=orjson.dumps({"error": reason}),
             content_type="application/json",
-            headers={"Connection": "close", "X-Request-Id": rid},
+            headers={"Server": SERVER_NAME, "Connection": "close", "X-Request-Id": rid},
         )
         response.force_close()
         return response

@@ -146,7 +146,7 @@ class StreamEndpoint:
         if self.removed:
             reason = "no stream at this path (removed from the configuration)"
             record_reply(self.metrics, 404, reason=reason, request_id=rid, client=request.remote)
-            return error_response(404, reason)
+            return _broken(error_response(404, reason, **{"X-Request-Id": rid}))
         access = self.access
         client = client_address(
             request.remote, request.headers, access.trusted_proxies, access.client_address_header
@@ -236,7 +236,11 @@ class StreamEndpoint:
         if request.headers.get("Expect") is not None:
             # everything that could refuse the request has had its say and a slot for the body
             # is free: now the body may come
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except ConnectionError:  # the client went away while it waited
+                reply = error_response(400, "body incomplete: the client went away")
+                return _broken(reply), None, 0
         limits = self.limits
         reader = BodyReader(
             request.content, coding, limits.max_body_size, limits.body_timeout, limits.min_body_rate

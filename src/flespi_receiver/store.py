@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -356,12 +357,18 @@ async def _insert_one_by_one(
 
 
 async def _still_insertable(conn: Connection, stream: str, message: Message) -> int:
-    """1 when the INSERT of a message stored before passes everything an INSERT runs (row
-    triggers, privileges, constraints), else 0; rolled back either way, nothing changes."""
+    """1 when a message stored before still passes everything its INSERT would run (BEFORE
+    and AFTER row triggers, privileges, constraints), else 0; rolled back either way.
+
+    It goes in again under an identity of its own, so that ON CONFLICT does not skip it
+    before the AFTER triggers; nothing of it stays.
+    """
+    record = _record(stream, message)
+    probe_record = (*record[:-1], secrets.token_bytes(len(record[-1])))
     probe = conn.transaction()
     await probe.start()
     try:
-        await _insert_skipping_conflicts(conn, [_record(stream, message)])
+        await _insert_skipping_conflicts(conn, [probe_record])
     except asyncpg.PostgresError as exc:
         if state_kind(exc) is not None:
             raise

@@ -8,9 +8,10 @@ rolls its transaction back; the error is SQLSTATE 57014), unless the server's ow
 already shorter. asyncpg's command_timeout stays as a backstop for a server that does not
 answer at all, CLIENT_GRACE seconds later.
 
-A large body is stored by a COPY while it arrives: its transaction allows
-`statement_timeout` = the time left for the body + command_timeout, and bounds its wait for a
-lock with `lock_timeout` = command_timeout (a body is not read while its COPY waits).
+A large body is stored by a COPY while it arrives: its transaction allows the time left for
+the body on top of the session's statement_timeout (the arrival is not the database's work,
+whatever the server's own limit), and bounds its wait for a lock with `lock_timeout` =
+command_timeout (a body is not read while its COPY waits).
 See https://www.postgresql.org/docs/current/runtime-config-client.html (statement_timeout,
 lock_timeout; pg_settings gives both in milliseconds).
 """
@@ -28,13 +29,19 @@ _BOUND_SESSION = """
 SELECT set_config('statement_timeout', $1, false) FROM pg_settings
 WHERE name = 'statement_timeout' AND (setting::bigint = 0 OR setting::bigint > $2)
 """
-# one transaction's limits: statement_timeout raised to $1 (text) when the session's is the
-# receiver's own ($3 ms) or none, lock_timeout lowered to $2 (text) unless shorter already
+# one transaction's limits: statements may take the body's arrival ($1 ms) on top of the
+# session's own limit (command_timeout, or the server's if shorter); a lock is waited for at
+# most command_timeout ($2 ms), or the server's lock_timeout if shorter
 _BOUND_STREAMED = """
-SELECT set_config(name, CASE name WHEN 'statement_timeout' THEN $1 ELSE $2 END, true)
-FROM pg_settings
-WHERE (name = 'statement_timeout' AND (setting::bigint = 0 OR setting::bigint >= $3))
-   OR (name = 'lock_timeout' AND (setting::bigint = 0 OR setting::bigint > $3))
+SELECT set_config(
+    name,
+    CASE name
+        WHEN 'statement_timeout' THEN ($1 + coalesce(nullif(setting::bigint, 0), $2))::text
+        ELSE least(coalesce(nullif(setting::bigint, 0), $2), $2)::text
+    END || 'ms',
+    true
+)
+FROM pg_settings WHERE name IN ('statement_timeout', 'lock_timeout')
 """
 
 
@@ -56,8 +63,7 @@ async def bound_session(conn: Connection | PoolConnectionProxy, command_timeout:
 async def bound_streamed(
     conn: Connection | PoolConnectionProxy, command_timeout: float, arrival: float
 ) -> None:
-    """In the current transaction: statements may take `arrival` + `command_timeout` seconds
-    (the body arrives meanwhile), a lock may be waited for `command_timeout` seconds."""
-    statement_ms = _milliseconds(arrival + command_timeout)
-    lock_ms = _milliseconds(command_timeout)
-    await conn.execute(_BOUND_STREAMED, f"{statement_ms}ms", f"{lock_ms}ms", lock_ms)
+    """In the current transaction: statements may take `arrival` seconds (the body arrives
+    meanwhile, which is not the database's work) on top of the session's own limit, and a lock
+    may be waited for `command_timeout` seconds (or the server's lock_timeout if shorter)."""
+    await conn.execute(_BOUND_STREAMED, _milliseconds(arrival), _milliseconds(command_timeout))
