@@ -103,12 +103,14 @@ async def test_odd_values_in_known_fields_become_null_but_stay_in_payload(
         {"ident": True, "device.id": 123456789012345678901234567890, "server.timestamp": None},
         # just past 64 bits: read as a float that rounds to -2**63, which would fit
         {"channel.id": -9223372036854775809, "device.id": -(2**63) - 300},
+        # longer than an index entry may be: NULL, not a refusal
+        {"ident": "Щ" * 8000},
         {},
         {"": 1, "ключ": "значение", "ctrl": "\u0001\u001f", "big": "x" * 100_000},
     ]
     # the standard library, unlike orjson, writes integers wider than 64 bits
     status, reply = await post(client, json.dumps(odd, ensure_ascii=False).encode())
-    assert (status, reply) == (200, {"stored": 7, "duplicates": 0, "rejected": 0})
+    assert (status, reply) == (200, {"stored": 8, "duplicates": 0, "rejected": 0})
     stored = await db.fetch(
         "SELECT ident, ts, server_ts, channel_id, device_id, latitude, longitude, payload "
         "FROM messages ORDER BY id"
@@ -118,8 +120,8 @@ async def test_odd_values_in_known_fields_become_null_but_stay_in_payload(
         for row in stored
         for column in ("ts", "server_ts", "channel_id", "device_id", "latitude", "longitude")
     )
-    assert [row["ident"] for row in stored] == [None, "12345", None, None, None, None, None]
-    assert orjson.loads(stored[6]["payload"]) == odd[6]
+    assert [row["ident"] for row in stored] == [None, "12345", None, None, None, None, None, None]
+    assert orjson.loads(stored[7]["payload"]) == odd[7]
     # a big integer is kept exactly, not rounded through a float
     exact = await db.fetchval(
         "SELECT payload->>'device.id' FROM messages WHERE ident IS NULL AND payload ? 'device.id'"
@@ -251,3 +253,7 @@ async def test_a_flood_of_refused_elements_is_kept_whole_as_one_row(
     assert reason.startswith(f"body has more than {limit} elements that are not storable")
     assert "not a JSON object but a number" in reason
     assert await count(db) == 1
+    # a stream that refuses bad content answers as for any bad message: 422, nothing kept
+    client = await receiver(streams=REJECT_STREAM)
+    status, reply = await post(client, flood)
+    assert (status, reply["error"]) == (422, "not a JSON object but a number")

@@ -303,3 +303,20 @@ async def test_a_slow_large_body_is_not_charged_to_the_server_statement_timeout(
     answer = await reply_on(raw)
     assert answer.startswith(b"HTTP/1.1 200"), answer
     assert await count(db) == 200
+
+
+async def test_a_transfer_coding_other_than_chunked_gets_501_and_nothing_is_kept(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver()
+    packed = gzip.compress(SMALL)
+    chunked = f"{len(packed):x}\r\n".encode() + packed + b"\r\n0\r\n\r\n"
+    raw = socket.create_connection(("127.0.0.1", client.port))
+    raw.sendall(
+        b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: " + TOKEN.encode() + b"\r\n"
+        b"Transfer-Encoding: gzip, chunked\r\n\r\n" + chunked
+    )
+    answer = await reply_on(raw)
+    assert answer.startswith(b"HTTP/1.1 501"), answer
+    assert await count(db) == 0
+    assert await count(db, "rejected_messages") == 0

@@ -38,6 +38,7 @@ NO_TIME = 946684800.0
 _MIN_EPOCH = -2208988800
 _MAX_EPOCH = 253402300799
 _INT64 = 2**63
+MAX_IDENT_CHARACTERS = 512
 # the largest integer every smaller one of which a double holds exactly
 _EXACT_FLOAT = 2**53
 
@@ -83,7 +84,13 @@ _Bigint = (
 )
 # a string as is, an integer as its digits; a float only when it is an integer too big for
 # orjson's 64 bits, whose digits are then read from the text (columns)
-_Ident = Annotated[str, Strict()] | Annotated[int, Strict()] | Annotated[float, Strict()]
+# (a string of up to 512 characters: at most 2 KB in UTF-8, within PostgreSQL's limit for a
+# btree index entry, about 2.7 KB, as the ident indexes take it)
+_Ident = (
+    Annotated[str, Strict(), Field(max_length=MAX_IDENT_CHARACTERS)]
+    | Annotated[int, Strict()]
+    | Annotated[float, Strict()]
+)
 
 
 _Latitude = Annotated[float, Strict(), Field(ge=-90.0, le=90.0, allow_inf_nan=False)]

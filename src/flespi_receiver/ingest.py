@@ -273,6 +273,15 @@ class StreamEndpoint:
         return response, result, reader.received
 
     def _refuse_headers(self, request: web.Request, coding: str | None) -> web.Response | None:
+        transfer = request.headers.get("Transfer-Encoding", "")
+        codings = [c.strip().lower() for c in transfer.split(",") if c.strip()]
+        if any(c != "chunked" for c in codings):
+            # RFC 9112 6.1: a transfer coding the server does not understand is 501
+            return error_response(
+                501,
+                f"Transfer-Encoding {transfer!r} is not supported; use chunked, and "
+                "Content-Encoding for compression",
+            )
         length = request.content_length
         if length is not None and length > self.limits.max_body_size:
             return self._too_large()

@@ -68,6 +68,9 @@ class DecodedBatch:
     rejected: list[Rejected] = field(default_factory=list)
     # the body as a whole is not a JSON array: the batch then holds one rejected body
     body_error: str | None = None
+    # more than MAX_REJECTED_ELEMENTS elements were refused (then also kept whole): the first's
+    # reason, what a stream that refuses bad content instead of quarantining it answers
+    first_refusal: str | None = None
 
     @property
     def size(self) -> int:
@@ -196,7 +199,9 @@ def _kept_whole(body: bytes, first_reason: str) -> DecodedBatch:
         f"body has more than {MAX_REJECTED_ELEMENTS} elements that are not storable messages "
         f"(the first: {first_reason}); it is kept whole"
     )
-    return DecodedBatch(rejected=[Rejected(body, reason)], body_error=reason)
+    return DecodedBatch(
+        rejected=[Rejected(body, reason)], body_error=reason, first_refusal=first_reason
+    )
 
 
 def _contains_nul(value: Any) -> bool:

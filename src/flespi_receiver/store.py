@@ -149,6 +149,8 @@ async def _store_batch(
         asyncio.to_thread(decode_batch, body, fields) if len(body) > THREADED_DECODE else None
     )
     batch = await decoding if decoding is not None else decode_batch(body, fields)
+    if not quarantine and batch.first_refusal is not None:
+        raise BatchRejected(batch.first_refusal)  # bad messages, however many: 422
     if not quarantine and batch.rejected:
         raise BatchRejected(batch.rejected[0].reason, whole_body=batch.body_error is not None)
     rejected = list(batch.rejected)
