@@ -49,7 +49,8 @@ class FlespiRest:
 
     messages: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     # per messages request, in order: None = answer; an int = that status; "slow" = answer
-    # after `slow_seconds`; "hang" = never answer (until the test goes on)
+    # after `slow_seconds`; "hang" = never answer (until the test goes on); "echo" = a 500
+    # whose reason quotes the token
     faults: list[int | str | None] = field(default_factory=list)
     slow_seconds: float = 3.0
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -85,6 +86,8 @@ class FlespiRest:
             await asyncio.sleep(self.slow_seconds)
         if fault == 429:
             return _error(429, "Too Many Requests", {"Retry-After": "1"})
+        if fault == "echo":  # a careless error page that quotes the request's token
+            return _error(500, f"internal error for {request.headers['Authorization']}")
         if isinstance(fault, int):
             return _error(fault, "Service Unavailable")
         stored = self.messages.get(int(request.match_info["device"]), [])

@@ -16,7 +16,7 @@ from flespi_rest import TOKEN, FlespiRest, flespi_rest
 from test_backfill import DEVICES, by_number, deliver
 
 from conftest import ClientFactory
-from helpers import SCRIPT, count
+from helpers import AUTH, SCRIPT, count, flespi_message
 
 FROM, TO = "2025-01-01T00:00:00Z", "1767225600"  # ISO 8601 and Unix seconds both work
 
@@ -165,3 +165,41 @@ async def test_dry_run_counts_and_stores_nothing(
     assert (summary["dry_run"], summary["stored"]) == (True, 30)
     assert await count(db) == 0
     assert await count(db, "backfill_progress") == 0
+
+
+async def test_a_dry_run_changes_nothing_not_even_a_stream_waiting_to_be_rekeyed(
+    receiver: ClientFactory,
+    db: asyncpg.Connection,
+    database_url: str,
+    rest: FlespiRest,
+    tmp_path: Path,
+) -> None:
+    client = await receiver()  # the stream keyed by text, as it was before the switch
+    reply = await client.post("/flespi", data=orjson.dumps([flespi_message(1)]), headers=AUTH)
+    assert reply.status == 200
+    before = await db.fetch("SELECT id, message_hash FROM messages")
+    rest.add(DEVICES[0], by_number(0, 1)[0])
+    process = await start_backfill(tmp_path, database_url, rest, TOKEN, "--dry-run")
+    _, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert "`flespi-receiver migrate` re-keys them" in stderr.decode()
+    assert await db.fetch("SELECT id, message_hash FROM messages") == before
+    assert await db.fetchval("SELECT count(*) FROM stream_identity WHERE identity = 'content'") == 0
+    # a wrong token is found out before anything is migrated or re-keyed, dry run or not
+    process = await start_backfill(tmp_path, database_url, rest, "wrong-secret-token")
+    await process.communicate()
+    assert process.returncode == 2
+    assert await db.fetch("SELECT id, message_hash FROM messages") == before
+
+
+async def test_an_error_page_quoting_the_token_shows_it_masked(
+    database_url: str, rest: FlespiRest, tmp_path: Path
+) -> None:
+    rest.add(DEVICES[0], by_number(0, 1)[0])
+    rest.faults = ["echo"]
+    process = await start_backfill(tmp_path, database_url, rest)
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    assert "internal error for FlespiToken ********" in stderr.decode()
+    assert TOKEN.encode() not in stdout + stderr
+    assert orjson.loads(stdout.splitlines()[-1])["stored"] == 1

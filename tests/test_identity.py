@@ -44,6 +44,29 @@ def test_the_fields_of_a_device_subscription_do_not_count() -> None:
     assert message_identity(channel, b"") == message_identity(device, b"")
 
 
+def test_the_fields_of_a_device_subscription_do_not_count_whatever_their_type() -> None:
+    channel = {"ident": "dv1", "timestamp": 1793900000, "x": 1}
+    device = channel | {"device.id": 5.55e2, "device.type.id": 9.0, "device.name": None}
+    assert message_identity(channel, b"") == message_identity(device, b"")
+
+
+# numbers as a sender may write them, beside how PostgreSQL's jsonb writes them back
+JSONB_SPELLINGS = [b"1e16", b"2.5e20", b"9007199254740993.0", b"1e19", b"-9.2e18", b"1.5e300"]
+
+
+async def test_the_identity_of_the_stored_payload_is_that_of_the_text_received(
+    db: asyncpg.Connection,
+) -> None:
+    # rows switched to content are re-keyed from payload: the same message must come back
+    for number in JSONB_SPELLINGS:
+        raw = b'{"ident":"n","v":' + number + b',"w":[' + number + b"]}"
+        payload = await db.fetchval("SELECT $1::text::jsonb::text", raw.decode())
+        assert canonical_identity(orjson.loads(payload)) == canonical_identity(orjson.loads(raw)), (
+            raw,
+            payload,
+        )
+
+
 @pytest.mark.parametrize(
     "change",
     [{"speed": 101}, {"v": 1.5000001}, {"name": "é/y"}, {"extra": None}, {"n": [1, {"a": 1}]}],

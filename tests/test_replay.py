@@ -9,6 +9,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 
+from flespi_receiver.fields import DEFAULT_FIELDS
 from flespi_receiver.replay import ReplaySelection, ReplaySummary, replay_rejected
 
 from conftest import SCHEMA, ClientFactory
@@ -205,3 +206,23 @@ async def test_the_replay_command_says_what_it_did(
     assert (done["moved"], done["already_present"], done["still_rejected"]) == (3, 0, 0)
     assert await count(db, "rejected_messages") == 0
     assert await count(db) == 4
+
+
+async def test_rows_of_a_stream_not_configured_are_left_and_reasons_are_summed_by_kind(
+    receiver: ClientFactory, db: asyncpg.Connection, database_url: str
+) -> None:
+    await quarantine_fast_messages(receiver, db, 120)  # the rule stays: they still fail
+    await db.execute(
+        "INSERT INTO rejected_messages (stream, raw, reason, raw_hash) "
+        "VALUES ('elsewhere', '{\"ident\":\"e\"}', 'PostgreSQL refused it: x', '\\x02'::bytea)"
+    )
+    conn = await asyncpg.connect(database_url, server_settings=SESSION)
+    summary = await replay_rejected(conn, ReplaySelection(), fields={"main": DEFAULT_FIELDS})
+    await conn.close()
+    assert (summary.not_configured, summary.still_rejected) == (1, 50)
+    assert await db.fetchval("SELECT count(*) FROM rejected_messages WHERE stream='elsewhere'") == 1
+    # PostgreSQL's DETAIL quotes each row: the summary counts the first line of each reason
+    ((reason, times),) = summary.as_dict()["reasons"].items()  # type: ignore[attr-defined]
+    assert times == 50
+    assert "speed_limit" in reason
+    assert "\n" not in reason

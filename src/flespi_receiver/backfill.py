@@ -19,9 +19,12 @@ from flespi_receiver.errors import ConfigError
 from flespi_receiver.fields import MessageFields
 from flespi_receiver.flespi_api import FlespiApi
 from flespi_receiver.messages import Message, Rejected, decode_batch
+from flespi_receiver.migrate import pending_migrations
 from flespi_receiver.store import Connection, store_decoded, store_rejected
 
 PAGE_SIZE = 1000
+STREAM_IDENTITY = "SELECT identity, finished_at FROM stream_identity WHERE stream = $1"
+HAS_ROWS = "SELECT EXISTS (SELECT FROM messages WHERE stream = $1)"
 # a page full of messages with one timestamp can't move `from` on: ask for more, up to this
 MAX_PAGE_SIZE = 100_000
 
@@ -107,6 +110,25 @@ def require_content_identity(stream: str, fields: MessageFields) -> None:
             f"stream {stream!r} keys its messages by their text, and flespi's REST API "
             'spells them otherwise than the stream: set identity = "content" in its '
             "[[streams]] section and restart its receivers first (docs/recovery.md)"
+        )
+
+
+async def require_keyed_by_content(conn: Connection, schema: str, stream: str) -> None:
+    """ConfigError unless the database is migrated and the stream's rows are all keyed by
+    content already (or it has none): what a dry run needs, since it changes nothing."""
+    if await pending_migrations(conn, schema):
+        raise ConfigError(
+            "the database's schema is not up to date: run `flespi-receiver migrate` first "
+            "(a dry run changes nothing)"
+        )
+    state = await conn.fetchrow(STREAM_IDENTITY, stream)
+    if state is not None and state["identity"] == "content" and state["finished_at"]:
+        return
+    if await conn.fetchval(HAS_ROWS, stream):
+        raise ConfigError(
+            f"stream {stream!r} has rows not keyed by content yet: `flespi-receiver migrate` "
+            "re-keys them (stop the stream's receivers first, docs/recovery.md); a dry run "
+            "changes nothing"
         )
 
 

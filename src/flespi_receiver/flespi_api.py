@@ -32,6 +32,7 @@ import orjson
 import structlog
 
 from flespi_receiver.errors import ReceiverError
+from flespi_receiver.redact import MASK
 
 log = structlog.get_logger("flespi_receiver.flespi_api")
 
@@ -91,7 +92,7 @@ class FlespiApi:
     async def device_ids(self, selector: str) -> list[int]:
         """The ids of the devices `selector` names, in increasing order."""
         body = await self._get(f"/gw/devices/{quote(selector, safe=',=*')}", {"fields": "id"})
-        items = orjson.loads(bytes(_ENVELOPE.decode(body).result))
+        items = orjson.loads(bytes(_result(body)))
         return sorted(int(item["id"]) for item in items)
 
     async def device_messages(self, device_id: int, start: float, end: float, count: int) -> bytes:
@@ -101,7 +102,7 @@ class FlespiApi:
         body = await self._get(
             f"/gw/devices/{device_id}/messages", {"data": orjson.dumps(data).decode()}
         )
-        return bytes(_ENVELOPE.decode(body).result)
+        return bytes(_result(body))
 
     async def _get(self, path: str, query: dict[str, str]) -> bytes:
         url = self.api_url.rstrip("/") + path
@@ -118,7 +119,8 @@ class FlespiApi:
                     body = await reply.read()
                     if reply.status == 200:
                         return body
-                    reason = f"HTTP {reply.status}{_flespi_reason(body)}"
+                    # an error page may quote the token: it is masked wherever it is shown
+                    reason = f"HTTP {reply.status}{_flespi_reason(body)}".replace(self.token, MASK)
                     if reply.status in (401, 403):
                         raise FlespiTokenRefused(
                             f"flespi refused the token ({reason}); check the token file or "
@@ -130,6 +132,7 @@ class FlespiApi:
                         raise FlespiRequestRefused(f"flespi refused GET {path}: {reason}")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                reason = reason.replace(self.token, MASK)
             if attempt == self.policy.attempts:
                 raise FlespiUnavailable(
                     f"GET {path} failed {attempt} times, last: {reason}; run again to resume"
@@ -143,6 +146,18 @@ class FlespiApi:
                 self.on_retry(reason, delay)
             await self.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def _result(body: bytes) -> msgspec.Raw:
+    """The `result` of flespi's reply; FlespiRequestRefused for anything else (a proxy's page)."""
+    try:
+        return _ENVELOPE.decode(body).result
+    except msgspec.DecodeError:
+        start = body[:80].decode("utf-8", "replace")
+        raise FlespiRequestRefused(
+            f"the API answered 200 with something that is not flespi's JSON ({start!r}...); "
+            "check --api-url"
+        ) from None
 
 
 def _seconds(value: float) -> int | float:

@@ -10,9 +10,10 @@ differently (`"\\u00e9"` or `"é"`, `"\\/"` or `"/"`) and write numbers differen
 computed from the parsed message, so that all of these are one message:
 
 * keys sorted at every level, strings written one way (orjson's), a number written as the
-  value it denotes: a double with no fraction (within +-2**53) as the integer it equals, any
-  other double shortest, so `100`, `100.0` and `1e2` are one value, and so are `1.5` and
-  `15e-1`; the payload column (jsonb) gives the same identity back for rows stored before;
+  value it denotes: a double with no fraction (within -2**63 .. 2**64, the integers orjson
+  reads) as the integer it equals, any other double shortest, so `100`, `100.0` and `1e2`
+  are one value, and so are `1.5` and `15e-1`; the payload column (jsonb) gives the same
+  identity back for rows stored before;
 * `device.id`, `device.name` and `device.type.id` at the top level left out: flespi adds them
   to messages of registered devices (flespi.com/kb/messages-basic-information-units, "If a
   message is coming from the device, registered in flespi, additional messages fields are
@@ -38,8 +39,11 @@ IDENTITIES: tuple[Identity, ...] = ("text", "content")
 
 # the fields flespi adds to a channel's message when it belongs to a registered device
 DEVICE_FIELDS = frozenset(("device.id", "device.name", "device.type.id"))
-# doubles with no fraction up to this size are exact integers
-_EXACT = 2.0**53
+# the integers orjson reads as int (and writes): a double with no fraction in this range is
+# written as the integer it equals, whatever text it came from (jsonb writes 1e16 back as
+# 10000000000000000, which orjson reads as an int)
+_MIN_INTEGER = -(2.0**63)
+_MAX_INTEGER = 2.0**64
 
 
 def text_identity(raw: bytes) -> bytes:
@@ -67,17 +71,17 @@ def _canonical(data: dict[str, Any], top: bool) -> dict[str, Any]:
     # most values of a flespi message are flat numbers and strings
     canonical = {}
     for key in sorted(data):
+        if top and key in DEVICE_FIELDS:
+            continue
         value = data[key]
         kind = type(value)
         if kind is float:
-            if value.is_integer() and -_EXACT <= value <= _EXACT:
+            if value.is_integer() and _MIN_INTEGER <= value < _MAX_INTEGER:
                 value = int(value)
         elif kind is dict:
             value = _canonical(value, False)
         elif kind is list:
             value = _canonical_list(value)
-        elif top and key in DEVICE_FIELDS:
-            continue
         canonical[key] = value
     return canonical
 
@@ -87,7 +91,7 @@ def _canonical_list(items: list[Any]) -> list[Any]:
     for value in items:
         kind = type(value)
         if kind is float:
-            if value.is_integer() and -_EXACT <= value <= _EXACT:
+            if value.is_integer() and _MIN_INTEGER <= value < _MAX_INTEGER:
                 value = int(value)
         elif kind is dict:
             value = _canonical(value, False)

@@ -47,6 +47,10 @@ WHERE r.stream = $1 AND r.id = k.id
 # row holds a whole body, any other row one element of an array.
 _WHOLE_BODY_REASON = "body "
 CHUNK_ROWS = 1000
+# the summary's reasons: each cut to its first line and this many characters, the most
+# frequent this many
+REASON_CHARACTERS = 200
+TOP_REASONS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +79,24 @@ class ReplaySummary:
     still_rejected: int = 0
     chunks: int = 0
     dry_run: bool = False
+    # rows of streams the configuration does not name: left as they are (their field names
+    # and identity are unknown here)
+    not_configured: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+
+    def count_reason(self, reason: str) -> None:
+        """Count a reason by its first line (PostgreSQL's DETAIL quotes the row: one per row)."""
+        key = reason.split("\n", 1)[0][:REASON_CHARACTERS]
+        self.reasons[key] = self.reasons.get(key, 0) + 1
+
+    def top_reasons(self) -> dict[str, int]:
+        """The most frequent reasons, at most TOP_REASONS, the rest as one count."""
+        ranked = sorted(self.reasons.items(), key=lambda item: -item[1])
+        top = dict(ranked[:TOP_REASONS])
+        rest = sum(count for _, count in ranked[TOP_REASONS:])
+        if rest:
+            top["(other reasons)"] = rest
+        return top
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -85,7 +106,8 @@ class ReplaySummary:
             "moved": self.moved,
             "already_present": self.already_present,
             "still_rejected": self.still_rejected,
-            "reasons": self.reasons,
+            "not_configured": self.not_configured,
+            "reasons": self.top_reasons(),
         }
 
 
@@ -108,7 +130,8 @@ async def replay_rejected(
     """Replay the selected rows chunk by chunk; each chunk is committed (or, in a dry run,
     rolled back) before the next is read. `conn` must have the receiver's session settings
     (search path, device state, notify channel: app.connection_settings); `fields` names each
-    stream's known fields (the default names for a stream not in it)."""
+    stream's known fields and identity; when it is given, rows of other streams are left as
+    they are (counted in `not_configured`)."""
     summary = ReplaySummary(dry_run=dry_run)
     summary.selected = await count_selected(conn, selection)
     after: tuple[str, int] = ("", 0)
@@ -144,6 +167,9 @@ async def _replay_chunk(
     for row in rows:
         by_stream.setdefault(row["stream"], []).append(row)
     for stream, stream_rows in by_stream.items():
+        if fields and stream not in fields:
+            summary.not_configured += len(stream_rows)
+            continue
         stream_fields = fields.get(stream, DEFAULT_FIELDS)
         await _replay_stream_rows(conn, stream, stream_rows, summary, stream_fields)
     summary.examined += len(rows)
@@ -186,7 +212,7 @@ async def _replay_stream_rows(
         else:
             kept.append((row["id"], row["reason"]))  # an empty element stays empty
     for _, reason in kept:
-        summary.reasons[reason] = summary.reasons.get(reason, 0) + 1
+        summary.count_reason(reason)
     summary.moved += stored
     summary.already_present += len(messages) - stored - len(refused_reasons)
     summary.still_rejected += len(kept) + len(new_rejected)

@@ -29,6 +29,7 @@ from flespi_receiver.cli import (
 )
 from flespi_receiver.cli.common import EXIT_FAILURE
 from flespi_receiver.errors import ReceiverError
+from flespi_receiver.redact import REDACTOR
 
 log = structlog.get_logger("flespi_receiver.cli")
 
@@ -71,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status: int = args.handler(args)
     except ReceiverError as exc:
-        print(f"flespi-receiver {args.command}: {exc}", file=sys.stderr)
+        # a secret the command knows (a token, a password) is masked in what it says, too
+        print(REDACTOR.redact(f"flespi-receiver {args.command}: {exc}"), file=sys.stderr)
         return exc.exit_code
     except (OSError, asyncpg.PostgresError) as exc:
         log.error("failed", error=f"{type(exc).__name__}: {exc}")
-        print(f"flespi-receiver {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        message = f"flespi-receiver {args.command}: {type(exc).__name__}: {exc}"
+        print(REDACTOR.redact(message), file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -18,15 +19,16 @@ from flespi_receiver.backfill import (
     BackfillSummary,
     backfill,
     require_content_identity,
+    require_keyed_by_content,
 )
 from flespi_receiver.cli.arguments import http_url, integer
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command, load, with_connection
 from flespi_receiver.database import Database, apply_migrations
-from flespi_receiver.errors import ConfigError
+from flespi_receiver.errors import ConfigError, UsageError
 from flespi_receiver.flespi_api import DEFAULT_API_URL, FlespiApi
 from flespi_receiver.progress import progress_bar
 from flespi_receiver.redact import REDACTOR
-from flespi_receiver.times import parse_time
+from flespi_receiver.times import TimeFormatError, parse_time
 
 TOKEN_ENV = "FLESPI_TOKEN"  # noqa: S105 (the name of the variable, not a token)
 
@@ -97,6 +99,17 @@ def read_token(token_file: Path | None) -> str:
     return token
 
 
+def _time(text: str, option: str) -> datetime:
+    """A --from/--to value; a usage error (exit 2) when it is not a time or before 1970."""
+    try:
+        value = parse_time(text)
+    except TimeFormatError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+    if value.timestamp() < 0:
+        raise UsageError(f"{option}: {text!r} is before 1970, where flespi keeps nothing")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     settings, _ = load(args)
     named = [s for s in settings.streams if s.name == args.stream]
@@ -106,14 +119,15 @@ def run(args: argparse.Namespace) -> int:
     stream = named[0]
     fields = stream.message_fields()
     require_content_identity(stream.name, fields)
-    target = BackfillRange(args.stream, args.devices, parse_time(args.start), parse_time(args.end))
+    target = BackfillRange(
+        args.stream, args.devices, _time(args.start, "--from"), _time(args.end, "--to")
+    )
     if target.end < target.start:
-        raise ConfigError("--to is before --from")
+        raise UsageError("--to is before --from")
     token = read_token(args.token_file)
     REDACTOR.add([token])  # whatever might quote it (an error, a log line) shows it masked
 
     async def work(conn: asyncpg.Connection, database: Database) -> BackfillSummary:
-        await apply_migrations(settings, database.url)
         with progress_bar(None, "devices", "backfill") as bar:
 
             def show(summary: BackfillSummary) -> None:
@@ -130,6 +144,13 @@ def run(args: argparse.Namespace) -> int:
 
             async with aiohttp.ClientSession() as session:
                 api = FlespiApi(args.api_url, token, session, on_retry=retrying)
+                # the token first: a refused one changes nothing in the database
+                await api.device_ids(args.devices)
+                if args.dry_run:
+                    # a dry run changes nothing: no migration, no re-keying
+                    await require_keyed_by_content(conn, settings.database.schema_name, stream.name)
+                else:
+                    await apply_migrations(settings, database.url)
                 return await backfill(
                     conn,
                     api,

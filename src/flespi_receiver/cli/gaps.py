@@ -11,6 +11,7 @@ import orjson
 from flespi_receiver.cli.arguments import positive_number
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command, load, with_connection
 from flespi_receiver.database import Database
+from flespi_receiver.errors import ConfigError
 from flespi_receiver.gaps import Gap, find_gaps
 from flespi_receiver.times import TimeFormatError, duration, parse_duration
 
@@ -49,6 +50,11 @@ def _duration(text: str) -> timedelta:
 
 def run(args: argparse.Namespace) -> int:
     settings, _ = load(args)
+    names = [s.name for s in settings.streams]
+    if args.stream is not None and args.stream not in names:
+        raise ConfigError(
+            f"no stream named {args.stream!r} in the configuration ({', '.join(names)})"
+        )
 
     # a look only: nothing is migrated or re-keyed (an unmigrated database is said so)
     async def work(conn: asyncpg.Connection, database: Database) -> list[Gap]:

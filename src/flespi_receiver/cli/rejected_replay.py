@@ -17,6 +17,7 @@ from flespi_receiver.cli.common import (
     with_connection,
 )
 from flespi_receiver.database import Database
+from flespi_receiver.errors import ConfigError
 from flespi_receiver.progress import progress_bar
 from flespi_receiver.replay import ReplaySelection, ReplaySummary, replay_rejected
 
@@ -48,6 +49,12 @@ def run_replay(args: argparse.Namespace) -> int:
     )
 
     fields = {s.name: s.message_fields() for s in settings.streams}
+    if args.stream is not None and args.stream not in fields:
+        # its field names and identity would be guessed: a message could be stored twice
+        raise ConfigError(
+            f"no stream named {args.stream!r} in the configuration ({', '.join(fields)}); "
+            "replay with the configuration its receivers use"
+        )
 
     async def work(conn: asyncpg.Connection, _: Database) -> ReplaySummary:
         with progress_bar(None, "rows", "replaying rejected_messages") as bar:
@@ -63,5 +70,11 @@ def run_replay(args: argparse.Namespace) -> int:
     summary = with_connection(settings, work)
     if summary.selected == 0:
         print("no rejected row matches", file=sys.stderr)
+    if summary.not_configured:
+        print(
+            f"{summary.not_configured} rows of streams not in the configuration were left as "
+            "they are",
+            file=sys.stderr,
+        )
     print(orjson.dumps(summary.as_dict()).decode())
     return EXIT_OK
