@@ -107,7 +107,7 @@ async def _switch(conn: Connection, stream: str, identity: Identity) -> bool:
             return False
         newest = await conn.fetchval(NEWEST_ID, stream)
         await conn.execute(SWITCH, stream, identity, newest)
-        log.info("stream keyed by content from now on", stream=stream, rows_to_rekey=newest)
+        log.info("stream keyed by content from now on", stream=stream, rekey_ids_up_to=newest)
         return newest is not None
 
 
