@@ -186,6 +186,29 @@ async def test_headers_beyond_the_size_limit_get_431_and_the_connection_closes(
         assert b"Server: flespi-receiver\r\n" in reply
 
 
+@pytest.mark.parametrize(("lines", "status"), [(3, 408), (12, 431)])
+async def test_a_request_sent_behind_another_gets_the_same_header_limits(
+    tmp_path: Path, database_url: str, lines: int, status: int
+) -> None:
+    # pipelined: a complete request, then in the same packet the start of a next one that
+    # never ends (under or over max_header_size)
+    body = orjson.dumps([flespi_message(1)])
+    settings = "max_header_size = 8192\nheader_timeout = 1"
+    async with serving(tmp_path, database_url, settings) as served:
+        raw = served.connect()
+        first = (
+            b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: " + TOKEN.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        filler = b"X-Filler: " + b"a" * 1000 + b"\r\n"
+        raw.sendall(first + b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + filler * lines)
+        replies = await asyncio.to_thread(read_reply, raw)  # until the receiver closes
+        raw.close()
+    assert replies.startswith(b"HTTP/1.1 200"), replies
+    assert f"HTTP/1.1 {status} ".encode() in replies, replies
+    assert replies.count(b"HTTP/1.1 ") == 2
+
+
 async def test_headers_slower_than_the_time_limit_get_408_and_the_connection_closes(
     tmp_path: Path, database_url: str
 ) -> None:

@@ -72,6 +72,12 @@ class GuardedRequestHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._client_done = False  # the client closed its sending side (half-close)
         self._header_tail = b""  # the last bytes counted, to see a blank line cut in two
+        # bytes received, and bytes that made up the requests answered: what is left over is a
+        # next request sent before the reply (pipelined), held by the parser
+        self._received = 0
+        self._consumed = 0
+        self._request_header_bytes = 0
+        self._current_header_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -92,13 +98,14 @@ class GuardedRequestHandler(RequestHandler):
         return True
 
     def data_received(self, data: bytes) -> None:
+        self._received += len(data)
         if self._awaiting_headers and self._over_header_budget(data):
-            self._refuse(
-                431,
-                "Request Header Fields Too Large",
-                f"request headers are larger than {self._header_limits.max_size} bytes",
-            )
+            self._refuse_large_headers()
             return  # never parsed, never served
+        if not self._awaiting_headers and self._pipelined() > self._header_limits.max_size:
+            # a next request too large already: not parsed (nor held); once the current one
+            # is answered, it gets its 431 (_next_request)
+            return
         requests_before = self._request_count
         super().data_received(data)
         if not self._awaiting_headers:
@@ -107,6 +114,7 @@ class GuardedRequestHandler(RequestHandler):
             self._awaiting_headers = False
             self._disarm_header_timer()
             self._header_tail = b""
+            self._request_header_bytes = self._header_bytes
             return
         if data and self._header_timer is None:
             self._arm_header_timer()
@@ -131,6 +139,12 @@ class GuardedRequestHandler(RequestHandler):
     ) -> tuple[web.StreamResponse, bool]:
         if self._client_done:  # the client closed its side before this request was taken up
             _cut_short(request)
+        # a pipelined request's headers came with the one before: counted by their size here
+        header_bytes = self._request_header_bytes or _header_size(request)
+        self._request_header_bytes = 0
+        self._current_header_bytes = header_bytes
+        self._awaiting_headers = False
+        self._disarm_header_timer()
         if _header_size(request) > self._header_limits.max_size:
             # headers that came in one piece with the body's start were not counted as they
             # arrived: the request's own headers are measured before it is served
@@ -142,9 +156,37 @@ class GuardedRequestHandler(RequestHandler):
             # its first byte (until then the keep-alive timeout applies). A body left unread
             # closes the connection instead (no lingering), so there is no next request.
             if request.content.at_eof():
-                self._awaiting_headers = True
-                self._header_bytes = 0
-                self._header_tail = b""
+                self._next_request(request, header_bytes)
+
+    def _pipelined(self) -> int:
+        """Bytes received beyond the current request (its headers and declared body)."""
+        request = self._current_request
+        if request is None or request.content_length is None:
+            return 0  # not known yet, or a chunked body: counted once the request is answered
+        used = self._consumed + self._current_header_bytes + request.content_length
+        return self._received - used
+
+    def _next_request(self, request: BaseRequest, header_bytes: int) -> None:
+        """The request was answered with its body read: the next one gets its own budget and
+        clock. Bytes of it that came already (pipelined) count, and start its clock."""
+        if request.content_length is None and request.body_exists:
+            self.force_close()  # chunked: what was the body's is not known, no next request
+            return
+        self._consumed += header_bytes + (request.content_length or 0)
+        self._awaiting_headers = True
+        self._header_bytes = max(0, self._received - self._consumed)
+        self._header_tail = b""
+        if self._header_bytes > self._header_limits.max_size:
+            self._refuse_large_headers()
+        elif self._header_bytes:
+            self._arm_header_timer()
+
+    def _refuse_large_headers(self) -> None:
+        self._refuse(
+            431,
+            "Request Header Fields Too Large",
+            f"request headers are larger than {self._header_limits.max_size} bytes",
+        )
 
     def handle_error(
         self,
