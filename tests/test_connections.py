@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -59,11 +60,18 @@ class Served:
 
 @asynccontextmanager
 async def serving(
-    tmp_path: Path, database_url: str, server: str = "", acquire_timeout: float = 2, pool: int = 4
+    tmp_path: Path,
+    database_url: str,
+    server: str = "",
+    acquire_timeout: float = 2,
+    pool: int = 4,
+    streams: str = "",
 ) -> AsyncIterator[Served]:
-    """`flespi-receiver serve` in its own process, with `server` lines added to [server]."""
+    """`flespi-receiver serve` in its own process, with `server` lines added to [server] and
+    `streams` ([[streams]] tables) after the one stream of config_file."""
     port = free_port()
     config = config_file(tmp_path, database_url, port)
+    config.write_text(config.read_text() + streams)
     text = config.read_text().replace("[server]\n", f"[server]\n{server}\n", 1)
     database = f"acquire_timeout = {acquire_timeout}\npool_size = {pool}\n"
     config.write_text(text.replace("acquire_timeout = 2\n", database))
@@ -76,6 +84,17 @@ def read_reply(raw: socket.socket) -> bytes:
     """Everything the receiver sends until it closes the connection."""
     data = b""
     while chunk := raw.recv(65536):
+        data += chunk
+    return data
+
+
+def read_until_reply(raw: socket.socket) -> bytes:
+    """The first reply on a kept-alive connection (its headers and JSON body)."""
+    data = b""
+    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+        chunk = raw.recv(65536)
+        if not chunk:
+            break
         data += chunk
     return data
 
@@ -381,3 +400,36 @@ async def test_a_sender_slower_than_the_minimum_rate_gets_408_and_frees_the_pool
     # the other batch waited for the pool connection and was stored
     assert stored == 200
     assert await count(db) == 1
+
+
+async def test_one_stream_cannot_take_the_other_streams_bodies_in_flight(
+    tmp_path: Path, database_url: str
+) -> None:
+    # a leaked token sending slow bodies holds its own stream's share only: with 3 bodies in
+    # flight and 2 streams, one stream may hold 2, and the other still stores
+    other = '[[streams]]\nname = "other"\npath = "/other"\nauthorization = ["Bearer other-1"]\n'
+    body = orjson.dumps([flespi_message(i) for i in range(3)])
+    async with serving(
+        tmp_path, database_url, "bodies_in_flight = 3", acquire_timeout=1, streams=other
+    ) as served:
+        slow = [served.connect() for _ in range(3)]
+        head = (
+            b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: " + TOKEN.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        for raw in slow:
+            raw.sendall(head + body[:10])  # and then nothing, for now
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{served.port}/other"
+            headers = {"Authorization": "Bearer other-1"}
+            async with session.post(url, data=body, headers=headers) as reply:
+                assert reply.status == 200
+        # the third slow body of the first stream waited for a slot of its own stream
+        third = await asyncio.to_thread(read_reply, slow[2])
+        slow[2].close()
+        assert status_of(third) == 503
+        assert b"bodies in flight" in third
+        for raw in slow[:2]:
+            raw.sendall(body[10:])
+            assert status_of(await asyncio.to_thread(read_until_reply, raw)) == 200
+            raw.close()

@@ -59,12 +59,15 @@ class BatchReply(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per body: bytes after decompression, seconds, bytes per second; bodies at once."""
+    """Per body: bytes after decompression, seconds, bytes per second; bodies at once, in all
+    and per stream."""
 
     max_body_size: int
     body_timeout: float
     min_body_rate: int
     bodies_in_flight: asyncio.Semaphore
+    # at most this many of them for one stream (bodies_in_flight less one per other stream)
+    bodies_per_stream: int = 1
 
 
 def json_response(status: int, body: dict[str, object], **headers: str) -> web.Response:
@@ -124,6 +127,8 @@ class StreamEndpoint:
         self.pool_limits = pool_limits
         self.access = access
         self.metrics = metrics
+        # this stream's share of the bodies in flight: every other stream keeps one slot
+        self.stream_bodies = asyncio.Semaphore(limits.bodies_per_stream)
         self.reload(stream)
 
     def reload(self, stream: StreamSettings) -> None:
@@ -216,15 +221,22 @@ class StreamEndpoint:
         if expect is not None and expect.strip().lower() != "100-continue":
             return error_response(417, f"Expect {expect!r} is not supported"), None, 0
         try:
-            # bodies are held in memory while they arrive and are stored: bound how many
+            # bodies are held in memory while they arrive and are stored: bound how many, and
+            # how many one stream may take (a leaked token must not stall the other streams)
             async with asyncio.timeout(self.pool_limits.acquire_timeout):
-                await self.limits.bodies_in_flight.acquire()
+                await self.stream_bodies.acquire()
+                try:
+                    await self.limits.bodies_in_flight.acquire()
+                except BaseException:
+                    self.stream_bodies.release()
+                    raise
         except TimeoutError:
             return self._busy(), None, 0
         try:
             return await self._receive_and_store(request, stream, coding, bound)
         finally:
             self.limits.bodies_in_flight.release()
+            self.stream_bodies.release()
 
     async def _receive_and_store(
         self,
