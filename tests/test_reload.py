@@ -61,6 +61,13 @@ async def test_a_reload_is_all_or_nothing(
         # a file anyone may write: refused, whatever it holds
         await reload(rotated, 0o666)
         assert await post(port, "/flespi", NEW) == 401
+        # TLS turned on for a server that listens in plain HTTP: only a restart can
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        cert.write_text("not read: refused before")
+        key.write_text("not read: refused before")
+        tls = f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+        await reload(rotated.replace("[server]\n", tls, 1))
+        assert await post(port, "/flespi", NEW) == 401
         # the same file, private: applied
         await reload(rotated)
         assert await post(port, "/flespi", NEW) == 200
@@ -68,10 +75,11 @@ async def test_a_reload_is_all_or_nothing(
         process.terminate()
         assert process.wait(20) == 0
     refusals = [e["error"] for e in log_events(config) if e["event"].startswith("reload refused")]
-    assert len(refusals) == 3
+    assert len(refusals) == 4
     assert "server.shutdown_timeout" in refusals[0]
     assert "not valid TOML" in refusals[1]
     assert "chmod o-w" in refusals[2]
+    assert "TLS is turned on or off only by a restart" in refusals[3]
 
 
 async def test_a_removed_stream_stops_accepting_at_reload(

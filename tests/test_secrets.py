@@ -51,6 +51,10 @@ UNREADABLE = {
     "unencoded-at": f"postgresql://flespi:{SECRET[:4]}@{SECRET[4:]}@db.example.com/flespi",
     "unencoded-question-mark": f"postgresql://flespi:{SECRET[:4]}?{SECRET[4:]}@db.example.com/x",
     "query-without-equals": f"postgresql://flespi@db.example.com/flespi?{SECRET}",
+    "unencoded-question-mark-after-digits": (
+        f"postgresql://admin:2024?x={SECRET}@127.0.0.1:5432/flespi"
+    ),
+    "unencoded-question-mark-in-user": f"postgresql://u:5432?{SECRET}=@db.example.com/flespi",
 }
 
 

@@ -71,6 +71,9 @@ def parse_database_url(url: str) -> DatabaseUrl:
             "has a query that is not name=value pairs joined by &; percent-encode any ?, & or "
             f"= inside a password (for example {EXAMPLE}?sslmode=require)"
         ) from None
+    if not at and "@" in parts.query:
+        # `user:pass?word@host`: a ? in the password made the host part the query
+        raise InvalidDatabaseUrl(_encode_hint("?", "%3F"))
     query = [(name, value) for name, _, value in (pair.partition("=") for pair in raw_pairs)]
     names = {unquote(name) for name, _ in query}
     if not hosts and "host" not in names:

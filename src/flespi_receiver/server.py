@@ -67,6 +67,12 @@ def _validated(config: Path, current: Settings, context: ssl.SSLContext | None) 
     restart = settings_needing_restart(kept, new)
     if restart:
         raise ConfigError(f"these settings change only on restart: {', '.join(restart)}")
+    serves_tls = bool(new.server.tls_cert and new.server.tls_key)
+    if serves_tls != (context is not None):
+        raise ConfigError(
+            "server.tls_cert/tls_key: TLS is turned on or off only by a restart (a reload "
+            "replaces the certificate of a server that already serves TLS)"
+        )
     if context is not None and new.server.tls_cert and new.server.tls_key:
         try:
             tls_context(new.server)
