@@ -257,3 +257,18 @@ async def test_a_flood_of_refused_elements_is_kept_whole_as_one_row(
     client = await receiver(streams=REJECT_STREAM)
     status, reply = await post(client, flood)
     assert (status, reply["error"]) == (422, "not a JSON object but a number")
+
+
+async def test_copies_of_one_message_in_a_batch_cost_one_message(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    # 200 000 copies of {} and one bad element: the careful path keeps one object per text
+    client = await receiver()
+    flood = b"[" + b",".join([b"{}"] * 200_000 + [b"1"]) + b"]"
+    reply = await client.post(
+        "/flespi",
+        data=io.BytesIO(gzip.compress(flood)),
+        headers={**AUTH, "Content-Encoding": "gzip"},
+    )
+    assert await reply.json() == {"stored": 1, "duplicates": 199_999, "rejected": 1}
+    assert await count(db) == 1

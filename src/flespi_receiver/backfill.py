@@ -201,7 +201,7 @@ async def _backfill_device(
         stored, rejected = await _store_page(
             conn, target.stream, fresh, page.rejected, key, reached, done, summary.dry_run
         )
-        fetched = len(fresh) + len(page.rejected)
+        fetched = len(fresh) + len(page.rejected) + page.repeated
         summary.pages += 1
         summary.fetched += fetched
         summary.stored += stored

@@ -130,9 +130,20 @@ class BodyReader:
         return max(0.0, self._deadline - asyncio.get_running_loop().time())
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The chunks not read yet, as they arrive."""
+        """Every chunk of the body from its start: those read before, then the others as they
+        arrive."""
+        for held in range(len(self._chunks)):
+            yield self._chunks[held]
         while (chunk := await self._next()) is not None:
             yield chunk
+
+    async def read_some(self, size: int) -> bool:
+        """Read until `size` bytes (after decompression) are held or the body has ended;
+        True when it has ended."""
+        while self.size < size:
+            if await self._next() is None:
+                return True
+        return False
 
     async def read_all(self) -> bytes:
         """The whole body, chunks read before included."""

@@ -43,7 +43,7 @@ log = structlog.get_logger("flespi_receiver.ingest")
 
 RETRY_AFTER_SECONDS = "5"
 BUG = "internal error; the batch was not stored"
-# Bodies declared larger than this are stored while they arrive (a 1000-message batch is ~1 MB)
+# Bodies larger than this (decoded) are stored while they arrive (a 1000-message batch is ~1 MB)
 STREAMED_BODY = 64 * 1024
 # a proxy's request id is kept when it looks like one; anything else gets an id of our own
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,64}")
@@ -258,8 +258,11 @@ class StreamEndpoint:
             request.content, coding, limits.max_body_size, limits.body_timeout, limits.min_body_rate
         )
         try:
-            # a large body is stored as it arrives; a small one is read whole first
+            # a large body is stored as it arrives; a small one is read whole first. The size
+            # that counts is the decoded one: a small gzip or chunked body may be a large one
             large = (request.content_length or 0) > STREAMED_BODY
+            if not large:
+                large = not await reader.read_some(STREAMED_BODY + 1)
             body = reader if large else await reader.read_all()
             response, result = await self._store(request, stream, body, bound)
         except BodyTimeout:

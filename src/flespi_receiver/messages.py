@@ -71,10 +71,12 @@ class DecodedBatch:
     # more than MAX_REJECTED_ELEMENTS elements were refused (then also kept whole): the first's
     # reason, what a stream that refuses bad content instead of quarantining it answers
     first_refusal: str | None = None
+    # messages whose text an earlier element of the batch had already: counted, not kept
+    repeated: int = 0
 
     @property
     def size(self) -> int:
-        return len(self.messages) + len(self.rejected)
+        return len(self.messages) + len(self.rejected) + self.repeated
 
 
 def decode_batch(body: bytes, fields: MessageFields = DEFAULT_FIELDS) -> DecodedBatch:
@@ -182,7 +184,11 @@ def _decode_careful(body: bytes, fields: MessageFields) -> DecodedBatch:
     if isinstance(elements, str):
         return DecodedBatch(rejected=[Rejected(body, elements)], body_error=elements)
     batch = DecodedBatch()
+    stored_texts: set[bytes] = set()
     for raw in elements:
+        if raw in stored_texts:  # the same message again: one object, however many copies
+            batch.repeated += 1
+            continue
         verdict = judge_element(raw)
         if isinstance(verdict, Rejected):
             batch.rejected.append(verdict)
@@ -191,6 +197,7 @@ def _decode_careful(body: bytes, fields: MessageFields) -> DecodedBatch:
         else:
             _derive_columns(verdict, fields)
             batch.messages.append(verdict)
+            stored_texts.add(raw)
     return batch
 
 

@@ -160,7 +160,9 @@ async def _store_batch(
             raise BatchRejected(rejected[0].reason)
         if rejected:
             await _store_rejected(conn, stream, rejected)
-    duplicates = len(batch.messages) - stored - (len(rejected) - len(batch.rejected))
+    duplicates = (
+        len(batch.messages) + batch.repeated - stored - (len(rejected) - len(batch.rejected))
+    )
     return StoreResult(
         messages=batch.size, stored=stored, duplicates=duplicates, rejected=len(rejected)
     )
