@@ -50,7 +50,7 @@ class FlespiRest:
     messages: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     # per messages request, in order: None = answer; an int = that status; "slow" = answer
     # after `slow_seconds`; "hang" = never answer (until the test goes on); "echo" = a 500
-    # whose reason quotes the token
+    # whose reason quotes the token; "errors" = a 200 with an errors list
     faults: list[int | str | None] = field(default_factory=list)
     slow_seconds: float = 3.0
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -86,6 +86,10 @@ class FlespiRest:
             await asyncio.sleep(self.slow_seconds)
         if fault == 429:
             return _error(429, "Too Many Requests", {"Retry-After": "1"})
+        if fault == "errors":  # a 200 that carries errors instead of messages
+            return web.json_response({"errors": [{"code": 7, "reason": "storage error"}]})
+        if fault == 403:  # a token that may list the devices but not read their messages
+            return _error(403, "Forbidden")
         if fault == "echo":  # a careless error page that quotes the request's token
             return _error(500, f"internal error for {request.headers['Authorization']}")
         if isinstance(fault, int):

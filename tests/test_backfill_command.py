@@ -78,8 +78,8 @@ async def test_killed_mid_page_it_resumes_and_stores_each_message_once(
     await deliver(receiver, by_number(0, 45))
     for message in by_number(30, 120):
         rest.add(message["device.id"], message)
-    # the third page never arrives: the backfill is killed while waiting for it
-    rest.faults = [None, None, "hang"]
+    # the third page never arrives (after the token's check): killed while waiting for it
+    rest.faults = [None, None, None, "hang"]
     process = await start_backfill(tmp_path, database_url, rest)
     await asyncio.wait_for(rest.hanging.wait(), 30)
     process.send_signal(signal.SIGKILL)
@@ -93,19 +93,20 @@ async def test_killed_mid_page_it_resumes_and_stores_each_message_once(
     stdout, stderr = await process.communicate()
     assert process.returncode == 0, stderr.decode()
     summary = orjson.loads(stdout.splitlines()[-1])
-    resumed = rest.requests[asked_before]
+    resumed = rest.requests[asked_before + 1]  # after the token's check
     assert resumed["device"] == DEVICES[0]
     assert resumed["from"] == progress["next_from"]  # not the start of the range again
     assert await count(db) == 120
     assert await db.fetchval("SELECT count(DISTINCT payload) FROM messages") == 120
     assert summary["devices"] == 3
 
-    # a rerun of the finished range stores nothing and asks only for the device list
+    # a rerun of the finished range stores nothing and asks for no page (the token's check
+    # of one message aside)
     asked = len(rest.requests)
     process = await start_backfill(tmp_path, database_url, rest)
     stdout, _ = await process.communicate()
     assert orjson.loads(stdout.splitlines()[-1])["stored"] == 0
-    assert len(rest.requests) == asked
+    assert len(rest.requests) == asked + 1
 
 
 async def test_a_wrong_token_exits_2_saying_so_and_never_shows_the_token(
@@ -203,3 +204,70 @@ async def test_an_error_page_quoting_the_token_shows_it_masked(
     assert "internal error for FlespiToken ********" in stderr.decode()
     assert TOKEN.encode() not in stdout + stderr
     assert orjson.loads(stdout.splitlines()[-1])["stored"] == 1
+
+
+async def test_a_200_with_errors_is_tried_again_not_taken_for_no_messages(
+    db: asyncpg.Connection, database_url: str, rest: FlespiRest, tmp_path: Path
+) -> None:
+    for message in by_number(0, 2):
+        rest.add(DEVICES[0], message)
+    rest.faults = [None, "errors"]  # the token check's page, then the first real page
+    process = await start_backfill(tmp_path, database_url, rest)
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    assert "HTTP 200 with errors" in stderr.decode()
+    assert orjson.loads(stdout.splitlines()[-1])["stored"] == 2
+    assert await count(db) == 2
+
+
+async def test_a_token_that_may_not_read_messages_changes_nothing(
+    receiver: ClientFactory,
+    db: asyncpg.Connection,
+    database_url: str,
+    rest: FlespiRest,
+    tmp_path: Path,
+) -> None:
+    client = await receiver()  # rows keyed by text, waiting to be re-keyed by content
+    reply = await client.post("/flespi", data=orjson.dumps([flespi_message(1)]), headers=AUTH)
+    assert reply.status == 200
+    before = await db.fetch("SELECT id, message_hash FROM messages")
+    rest.add(DEVICES[0], by_number(0, 1)[0])
+    rest.faults = [403]
+    process = await start_backfill(tmp_path, database_url, rest)
+    _, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert "flespi refused the token" in stderr.decode()
+    assert await db.fetch("SELECT id, message_hash FROM messages") == before
+    assert await count(db, "backfill_progress") == 0
+
+
+async def test_a_stream_reading_renamed_parameters_is_not_backfilled(
+    database_url: str, rest: FlespiRest, tmp_path: Path
+) -> None:
+    path = config(tmp_path, database_url)
+    path.write_text(path.read_text() + '[streams.fields]\nnotation = "pascal"\n')
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    process = await asyncio.create_subprocess_exec(
+        str(SCRIPT),
+        "backfill",
+        "--config",
+        str(path),
+        "--stream",
+        "main",
+        "--devices",
+        "all",
+        "--from",
+        FROM,
+        "--to",
+        TO,
+        "--token-file",
+        str(token_file),
+        "--api-url",
+        rest.url,
+        stderr=subprocess.PIPE,
+    )
+    _, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert "reads renamed parameters" in stderr.decode()
+    assert rest.authorizations == []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from flespi_receiver.errors import ConfigError
-from flespi_receiver.fields import MessageFields
+from flespi_receiver.fields import MessageFields, names_in
 from flespi_receiver.flespi_api import FlespiApi
 from flespi_receiver.messages import Message, Rejected, decode_batch
 from flespi_receiver.migrate import pending_migrations
@@ -104,12 +104,19 @@ Progress = Callable[[BackfillSummary], None]
 
 
 def require_content_identity(stream: str, fields: MessageFields) -> None:
-    """ConfigError unless the stream keys its messages by content."""
+    """ConfigError unless the stream keys its messages by content and reads flespi's own
+    parameter names (the REST API writes those, not a stream's convert_message renames)."""
     if not fields.content_identity:
         raise ConfigError(
             f"stream {stream!r} keys its messages by their text, and flespi's REST API "
             'spells them otherwise than the stream: set identity = "content" in its '
             "[[streams]] section and restart its receivers first (docs/recovery.md)"
+        )
+    if fields.names != names_in("dotted"):
+        raise ConfigError(
+            f"stream {stream!r} reads renamed parameters ([streams.fields]), but flespi's REST "
+            "API writes flespi's own names: its messages would be other messages, with empty "
+            "derived columns; backfill only streams without convert_message renames"
         )
 
 

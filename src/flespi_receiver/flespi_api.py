@@ -63,6 +63,7 @@ class FlespiUnavailable(ReceiverError):
 
 class _Envelope(msgspec.Struct):
     result: msgspec.Raw = msgspec.Raw(b"[]")
+    errors: list[Any] | None = None
 
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
@@ -91,20 +92,40 @@ class FlespiApi:
 
     async def device_ids(self, selector: str) -> list[int]:
         """The ids of the devices `selector` names, in increasing order."""
-        body = await self._get(f"/gw/devices/{quote(selector, safe=',=*')}", {"fields": "id"})
-        items = orjson.loads(bytes(_result(body)))
+        result = await self._get(f"/gw/devices/{quote(selector, safe=',=*')}", {"fields": "id"})
+        items = orjson.loads(result)
         return sorted(int(item["id"]) for item in items)
 
     async def device_messages(self, device_id: int, start: float, end: float, count: int) -> bytes:
         """Up to `count` messages of one device with `start <= timestamp <= end`, oldest
         first: the JSON array text of `result`, exactly as flespi sent it."""
         data = {"from": _seconds(start), "to": _seconds(end), "count": count}
-        body = await self._get(
+        return await self._get(
             f"/gw/devices/{device_id}/messages", {"data": orjson.dumps(data).decode()}
         )
-        return bytes(_result(body))
+
+    def _result(self, body: bytes) -> tuple[bytes | None, str]:
+        """The array text of `result` in a 200 reply, or None and why it is not usable: an
+        `errors` list (tried again, like a 5xx) or a body that is not flespi's JSON (refused:
+        FlespiRequestRefused, a proxy's page?). Anything quoted has the token masked."""
+        try:
+            envelope = _ENVELOPE.decode(body)
+        except msgspec.DecodeError:
+            page = body.decode("utf-8", "replace").replace(self.token, MASK)[:200]
+            raise FlespiRequestRefused(
+                f"the API answered 200 with something that is not flespi's JSON ({page!r}...); "
+                "check --api-url"
+            ) from None
+        if envelope.errors:
+            reason = orjson.dumps(envelope.errors).decode().replace(self.token, MASK)[:500]
+            return None, f"HTTP 200 with errors: {reason}"
+        result = bytes(envelope.result)
+        if not result.lstrip().startswith(b"["):
+            return None, "HTTP 200 whose result is not a list"
+        return result, ""
 
     async def _get(self, path: str, query: dict[str, str]) -> bytes:
+        """The text of the JSON array in `result` of a GET; retried, or an error (see above)."""
         url = self.api_url.rstrip("/") + path
         headers = {"Authorization": f"FlespiToken {self.token}", "Accept": "application/json"}
         timeout = aiohttp.ClientTimeout(total=self.policy.timeout)
@@ -118,9 +139,15 @@ class FlespiApi:
                 ) as reply:
                     body = await reply.read()
                     if reply.status == 200:
-                        return body
+                        result, trouble = self._result(body)
+                        if result is not None:
+                            return result
                     # an error page may quote the token: it is masked wherever it is shown
-                    reason = f"HTTP {reply.status}{_flespi_reason(body)}".replace(self.token, MASK)
+                    reason = (
+                        trouble
+                        if reply.status == 200
+                        else f"HTTP {reply.status}{_flespi_reason(body)}".replace(self.token, MASK)
+                    )
                     if reply.status in (401, 403):
                         raise FlespiTokenRefused(
                             f"flespi refused the token ({reason}); check the token file or "
@@ -128,7 +155,7 @@ class FlespiApi:
                         )
                     if reply.status == 429:
                         delay = _retry_after(reply.headers.get("Retry-After"))
-                    elif reply.status < 500:
+                    elif reply.status < 500 and reply.status != 200:
                         raise FlespiRequestRefused(f"flespi refused GET {path}: {reason}")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -146,18 +173,6 @@ class FlespiApi:
                 self.on_retry(reason, delay)
             await self.sleep(delay)
         raise AssertionError("unreachable")
-
-
-def _result(body: bytes) -> msgspec.Raw:
-    """The `result` of flespi's reply; FlespiRequestRefused for anything else (a proxy's page)."""
-    try:
-        return _ENVELOPE.decode(body).result
-    except msgspec.DecodeError:
-        start = body[:80].decode("utf-8", "replace")
-        raise FlespiRequestRefused(
-            f"the API answered 200 with something that is not flespi's JSON ({start!r}...); "
-            "check --api-url"
-        ) from None
 
 
 def _seconds(value: float) -> int | float:

@@ -20,8 +20,10 @@ computed from the parsed message, so that all of these are one message:
   expected"), so they say which device the channel's message belongs to, nothing about the
   message itself.
 
-What stays different: any other value (numbers compared as the doubles they parse to), other
-keys (a device plugin's fields), and messages nested deeper than orjson writes (254 levels),
+What stays different: any other value (an integer written without a fraction is compared
+exactly, a number with one as the double it parses to: 9007199254740993 and
+9007199254740993.0, which is the double 9007199254740992, are two values), other keys (a
+device plugin's fields), and messages nested deeper than orjson writes (254 levels),
 whose identity is that of their text. Cost: a walk over the values and one more orjson
 encoding per message than hashing the text (docs/performance.md), paid only by the streams
 that choose it.

@@ -51,6 +51,9 @@ CHUNK_ROWS = 1000
 # frequent this many
 REASON_CHARACTERS = 200
 TOP_REASONS = 20
+# distinct reasons counted one by one; the others together
+KEPT_REASONS = 1000
+OTHER_REASONS = "(other reasons)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,8 @@ class ReplaySummary:
     def count_reason(self, reason: str) -> None:
         """Count a reason by its first line (PostgreSQL's DETAIL quotes the row: one per row)."""
         key = reason.split("\n", 1)[0][:REASON_CHARACTERS]
+        if key not in self.reasons and len(self.reasons) >= KEPT_REASONS:
+            key = OTHER_REASONS  # a trigger quoting a value makes each reason new: bounded
         self.reasons[key] = self.reasons.get(key, 0) + 1
 
     def top_reasons(self) -> dict[str, int]:
@@ -95,7 +100,7 @@ class ReplaySummary:
         top = dict(ranked[:TOP_REASONS])
         rest = sum(count for _, count in ranked[TOP_REASONS:])
         if rest:
-            top["(other reasons)"] = rest
+            top[OTHER_REASONS] = top.get(OTHER_REASONS, 0) + rest
         return top
 
     def as_dict(self) -> dict[str, object]:

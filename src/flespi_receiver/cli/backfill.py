@@ -144,8 +144,12 @@ def run(args: argparse.Namespace) -> int:
 
             async with aiohttp.ClientSession() as session:
                 api = FlespiApi(args.api_url, token, session, on_retry=retrying)
-                # the token first: a refused one changes nothing in the database
-                await api.device_ids(args.devices)
+                # the token first, for the devices and their messages: a refused one changes
+                # nothing in the database
+                devices = await api.device_ids(args.devices)
+                if devices:
+                    moment = target.start.timestamp()
+                    await api.device_messages(devices[0], moment, moment, 1)
                 if args.dry_run:
                     # a dry run changes nothing: no migration, no re-keying
                     await require_keyed_by_content(conn, settings.database.schema_name, stream.name)
