@@ -61,6 +61,22 @@ async def test_a_receiver_down_for_ten_days_shows_as_one_gap(
     assert await find_gaps(db, now=now, since=DAY0, min_gap=timedelta(hours=2), stream="x") == []
 
 
+async def test_one_tracker_uploading_its_history_does_not_hide_the_outage(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver()
+    messages = hourly(range(5), ("A", "B", "C")) + hourly(range(8, 12), ("A", "B", "C"))
+    # out of coverage for a week, tracker D uploads what it buffered: inside the outage
+    messages += hourly(range(5, 8), ("D",))
+    reply = await client.post("/flespi", data=orjson.dumps(messages), headers=AUTH)
+    assert reply.status == 200
+    now = DAY0 + timedelta(days=12)
+    gaps = await find_gaps(db, now=now, since=DAY0, min_gap=timedelta(hours=6))
+    assert [(g.open, g.devices) for g in gaps] == [(False, 3)]
+    assert gaps[0].start == DAY0 + timedelta(days=4, hours=23, seconds=0.5)
+    assert gaps[0].end == DAY0 + timedelta(days=8, seconds=0.5)
+
+
 async def test_the_gaps_command_prints_each_gap_with_its_backfill(
     receiver: ClientFactory, db: asyncpg.Connection, database_url: str, tmp_path: Path
 ) -> None:
