@@ -23,7 +23,7 @@ JOIN pg_namespace s ON s.oid = t.relnamespace
 CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY AS k(attnum, n)
 JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum
 WHERE s.nspname = 'flespi' AND x.indisunique
-  AND t.relname IN ('messages', 'device_state', 'rejected_messages')
+  AND t.relname IN ('messages', 'device_latest', 'rejected_messages')
 GROUP BY t.relname, i.relname, x.indisprimary
 """
 
@@ -36,7 +36,7 @@ async def test_unique_constraints_hold_distribution_and_time_columns(
         await ensure_partitioned(db, PartitioningSettings(interval="month"))
     indexes = await db.fetch(UNIQUE_INDEXES)
     tables = {r["table_name"] for r in indexes}
-    assert tables == {"messages", "device_state", "rejected_messages"}
+    assert tables == {"messages", "device_latest", "rejected_messages"}
     for index in indexes:
         assert "stream" in index["columns"], f"Citus: {index['index_name']} lacks stream"
         if index["table_name"] == "messages":

@@ -1,4 +1,4 @@
-"""The trigger on messages exists only while device state or notifications need it."""
+"""The row trigger on messages, for other sessions' inserts, exists only with device state on."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ NOTIFY_ONLY = 'device_state = false\nnotify_channel = "batches"'
 
 HAS_TRIGGER = """
 SELECT count(*) = 1 FROM pg_trigger
-WHERE tgname = 'messages_after_insert' AND tgrelid = 'messages'::regclass
+WHERE tgname = 'messages_keep_device_state' AND tgrelid = 'messages'::regclass
 """
 
 
@@ -43,7 +43,7 @@ async def test_trigger_follows_the_settings(
 ) -> None:
     if partitioned:
         await ensure_partitioned(db, PartitioningSettings(interval="month"))
-    # both off: the trigger goes, and with it its cost; messages are stored all the same
+    # both off: the trigger goes; messages are stored all the same
     off = make_settings(database=BOTH_OFF)
     await apply_migrations(off, database_url)
     assert not await db.fetchval(HAS_TRIGGER)
@@ -51,9 +51,9 @@ async def test_trigger_follows_the_settings(
     await send(client, message("A", 10))
     assert await count(db) == 1
     assert await state(db) is None
-    # notifications on: the trigger is back and notifies, device state stays off
+    # notifications need no trigger: the receiver sends them itself; device state stays off
     await apply_migrations(make_settings(database=NOTIFY_ONLY), database_url)
-    assert await db.fetchval(HAS_TRIGGER)
+    assert not await db.fetchval(HAS_TRIGGER)
     listener, received = await notifications(database_url, "batches")
     try:
         client = await receiver(database=NOTIFY_ONLY)
@@ -62,20 +62,28 @@ async def test_trigger_follows_the_settings(
         assert await state(db) is None
     finally:
         await listener.close()
-    # the defaults: device state kept again
+    # the defaults: device state kept again, and the trigger is back for other sessions
     await apply_migrations(make_settings(), database_url)
+    assert await db.fetchval(HAS_TRIGGER)
     client = await receiver()
     await send(client, message("A", 30))
     assert (await state(db))["ts"].timestamp() == 30
     assert await count(db) == 3
+    await db.execute(
+        "INSERT INTO messages (stream, ident, ts, partition_ts, payload, message_hash) "
+        "VALUES ('main', 'A', to_timestamp(40), to_timestamp(40), '{}', '\\x01')"
+    )
+    assert (await state(db))["ts"].timestamp() == 40
 
 
 async def test_an_unchanged_setting_leaves_the_trigger_alone(
     make_settings: SettingsFactory, db: asyncpg.Connection, database_url: str
 ) -> None:
-    oid = await db.fetchval("SELECT oid FROM pg_trigger WHERE tgname = 'messages_after_insert'")
+    oid = await db.fetchval(
+        "SELECT oid FROM pg_trigger WHERE tgname = 'messages_keep_device_state'"
+    )
     await apply_migrations(make_settings(), database_url)
     assert (
-        await db.fetchval("SELECT oid FROM pg_trigger WHERE tgname = 'messages_after_insert'")
+        await db.fetchval("SELECT oid FROM pg_trigger WHERE tgname = 'messages_keep_device_state'")
         == oid
     )

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from flespi_receiver.config import Settings, mask_url
 from flespi_receiver.connection import reply_headers
+from flespi_receiver.device_state import BatchEffects
 from flespi_receiver.failures import DatabaseHealth
 from flespi_receiver.health import add_health_routes
 from flespi_receiver.ingest import (
@@ -63,7 +64,9 @@ def connection_settings(settings: Settings) -> dict[str, str]:
         "DateStyle": "ISO, YMD",
         "IntervalStyle": "postgres",
         "TimeZone": "UTC",
-        # read by the trigger on messages (schema/0002_device_state.sql)
+        # the receiver keeps device_state itself: the row trigger for other sessions skips it
+        "flespi_receiver.writer": "receiver",
+        # read by that trigger, for a session that sets them too (schema/0011_...)
         "flespi_receiver.device_state": on_off[db.device_state],
         "flespi_receiver.device_state_merge": on_off[db.device_state_merge],
         "flespi_receiver.notify_channel": db.notify_channel,
@@ -213,10 +216,11 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
         limiter=FailureLimiter(server.auth_failures_per_minute),
     )
     app[ENDPOINTS] = {}
+    effects = BatchEffects.from_settings(settings.database)
     for stream in settings.streams:
         if not stream.authorization:
             log.warning("stream accepts anonymous batches", stream=stream.name, path=stream.path)
-        endpoint = StreamEndpoint(stream, limits, pool_limits, access, metrics)
+        endpoint = StreamEndpoint(stream, limits, pool_limits, access, metrics, effects)
         app[ENDPOINTS][stream.name] = endpoint
         app.router.add_post(stream.path, endpoint.handle, expect_handler=defer_expect)
     if settings.metrics.enabled and not settings.metrics.port:

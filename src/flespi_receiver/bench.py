@@ -169,50 +169,70 @@ def emulated_run(name: str, size: int, emulator: StreamEmulator, seconds: float,
     )
 
 
+# what the receiver keeps besides the rows, as [database] settings
+CONFIGURATIONS = {
+    # device_state and NOTIFY, as `make run` and the Docker image run it
+    "default": "",
+    # device_state keeping the last known value of every parameter, and NOTIFY
+    "merge": "device_state_merge = true\n",
+    # nothing but the rows, like COPY
+    "rows-only": 'device_state = false\nnotify_channel = ""\n',
+}
+
+
 def receiver_config(
     directory: Path,
     url: str,
     port: int,
     max_body: int,
-    device_state: bool = False,
+    configuration: str = "default",
     identity: Identity = "text",
 ) -> Path:
-    """The receiver's config; without device state it does what COPY does: store the rows.
-    `identity`: what the stream keys its messages by (identity.py)."""
+    """The receiver's config file, in one of CONFIGURATIONS; `identity`: what the stream keys
+    its messages by (identity.py)."""
     config = directory / "bench.toml"
-    state = "true" if device_state else 'false\nnotify_channel = ""'
     config.write_text(
         f'[server]\nport = {port}\nmax_body_size = {max_body}\n[log]\nformat = "json"\n'
-        f'[database]\nurl = "{url}"\nschema = "{SCHEMA}"\ndevice_state = {state}\n'
+        f'[database]\nurl = "{url}"\nschema = "{SCHEMA}"\n{CONFIGURATIONS[configuration]}'
         f'[[streams]]\nname = "main"\npath = "/flespi"\nauthorization = ["{TOKEN}"]\n'
         f'identity = "{identity}"\n'
     )
     return config
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What is measured: the receiver's configuration, the fleet behind the messages, and how
+    the receivers get them."""
+
+    configuration: str = "default"
+    # distinct devices the messages come from, in turn (a batch of consecutive messages holds
+    # min(batch size, devices) of them)
+    devices: int = 5000
+    gzip_level: int | None = None
+    spelling: Spelling = "compact"
+    identity: Identity = "text"
+
+
 async def bench_batch_size(
-    url: str,
-    size: int,
-    count: int,
-    gzip_level: int | None,
-    workdir: Path,
-    device_state: bool,
-    spelling: Spelling = "compact",
-    identity: Identity = "text",
+    url: str, size: int, count: int, workload: Workload, workdir: Path
 ) -> list[Run]:
     """One round: COPY, the receiver and the naive receiver take turns, batch by batch.
 
     Each contender's rate is its messages over the sum of its own batch times, so a busy
     moment on a shared machine hits all three alike instead of whichever ran then. The
-    receivers get the messages in `spelling`; COPY gets the same rows as always.
+    receivers get the messages in the workload's spelling; COPY gets the same rows as always.
     """
-    messages = sample_messages(count, seed=size)
+    messages = sample_messages(count, seed=size, devices=workload.devices)
     encoded = encode_messages(messages)
+    spelling = workload.spelling
     sent = encoded if spelling == "compact" else [spelled(m, spelling) for m in messages]
     batches = list(batches_of(sent, size))
     copy_data = copy_batches(encoded, size)
     receiver_port, naive_port = free_port(), free_port()
-    config = receiver_config(workdir, url, receiver_port, 512 * 1024 * 1024, device_state, identity)
+    config = receiver_config(
+        workdir, url, receiver_port, 512 * 1024 * 1024, workload.configuration, workload.identity
+    )
     serve = [sys.executable, "-m", "flespi_receiver", "serve", "--config", str(config)]
     naive = [
         sys.executable,
@@ -232,7 +252,7 @@ async def bench_batch_size(
                 name: StreamEmulator(
                     f"http://127.0.0.1:{port}/flespi",
                     authorization=TOKEN,
-                    gzip_level=gzip_level,
+                    gzip_level=workload.gzip_level,
                     max_attempts=20,
                 )
                 for name, port in ((RECEIVER_RUN, receiver_port), (NAIVE_RUN, naive_port))
@@ -330,14 +350,7 @@ def median_run(rounds: list[Run]) -> Run:
 
 
 async def run_benchmark(
-    admin_url: str,
-    sizes: list[int],
-    count: int,
-    gzip_level: int | None,
-    rounds: int = 3,
-    device_state: bool = False,
-    spelling: Spelling = "compact",
-    identity: Identity = "text",
+    admin_url: str, sizes: list[int], count: int, workload: Workload, rounds: int = 3
 ) -> dict[str, Any]:
     url = await prepare_database(admin_url)
     runs: list[Run] = []
@@ -352,28 +365,25 @@ async def run_benchmark(
             for number in range(1, rounds + 1):
                 bar.set_description(f"batch size {size}, round {number}/{rounds}")
                 measured.append(
-                    await bench_batch_size(
-                        url,
-                        size,
-                        messages,
-                        gzip_level,
-                        Path(workdir),
-                        device_state,
-                        spelling,
-                        identity,
-                    )
+                    await bench_batch_size(url, size, messages, workload, Path(workdir))
                 )
                 bar.update(1)
             runs.extend(median_run(list(group)) for group in zip(*measured, strict=True))
             round_ratios[size] = paired_ratios(measured)
+    print(
+        f"receiver configuration: {workload.configuration}; messages from {workload.devices} "
+        f"devices in turn; gzip {'on' if workload.gzip_level is not None else 'off'}"
+    )
     summary = report(runs, round_ratios)
     summary.update(
         cpus=os.cpu_count(),
         count=count,
-        gzip=gzip_level is not None,
+        gzip=workload.gzip_level is not None,
         rounds=rounds,
-        spelling=spelling,
-        identity=identity,
+        spelling=workload.spelling,
+        identity=workload.identity,
+        configuration=workload.configuration,
+        devices=workload.devices,
     )
     print(orjson.dumps(summary).decode())
     return summary

@@ -75,6 +75,7 @@ async def growth_curve(
     conn = await asyncpg.connect(
         url,
         server_settings={
+            "flespi_receiver.writer": "receiver",
             "flespi_receiver.device_state": "off",
             "flespi_receiver.notify_channel": "",
         },

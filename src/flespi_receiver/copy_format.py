@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from flespi_receiver.fields import postgres_usecs
 from flespi_receiver.messages import Message
+
+if TYPE_CHECKING:
+    from flespi_receiver.device_state import DeviceFold
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 TRAILER = struct.pack(">h", -1)
@@ -100,7 +104,9 @@ def stream_field(stream: str) -> bytes:
     return _text(stream)
 
 
-def row_chunks(stream_field: bytes, messages: Iterable[Message]) -> Iterator[bytes]:
+def row_chunks(
+    stream_field: bytes, messages: Iterable[Message], fold: DeviceFold | None = None
+) -> Iterator[bytes]:
     """Rows for `messages` (no header or trailer), in chunks of about CHUNK_SIZE bytes; the
     first is smaller, so that PostgreSQL starts on the first rows at once."""
     parts: list[bytes] = []
@@ -108,6 +114,8 @@ def row_chunks(stream_field: bytes, messages: Iterable[Message]) -> Iterator[byt
     limit = FIRST_CHUNK_SIZE
     for message in messages:
         row = encode_row(stream_field, message)
+        if fold is not None:
+            fold.add(message, message.columns, message.identity)
         parts.append(row)
         size += len(row)
         if size >= limit:
@@ -117,8 +125,10 @@ def row_chunks(stream_field: bytes, messages: Iterable[Message]) -> Iterator[byt
         yield b"".join(parts)
 
 
-def copy_chunks(stream: str, messages: Iterable[Message]) -> Iterator[bytes]:
+def copy_chunks(
+    stream: str, messages: Iterable[Message], fold: DeviceFold | None = None
+) -> Iterator[bytes]:
     """The whole COPY data for `messages`: header, rows in chunks, trailer."""
     yield HEADER
-    yield from row_chunks(stream_field(stream), messages)
+    yield from row_chunks(stream_field(stream), messages, fold)
     yield TRAILER

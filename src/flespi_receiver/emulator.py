@@ -39,19 +39,24 @@ class DeliveryFailed(RuntimeError):
     """A batch that will not be acknowledged: the reply says why, or the retries ran out."""
 
 
-def sample_message(number: int, rng: random.Random, start: int = FIXED_START) -> dict[str, Any]:
+def sample_message(
+    number: int, rng: random.Random, start: int = FIXED_START, devices: int = 5000
+) -> dict[str, Any]:
     """A realistic message: ~45 dotted parameters, ~0.9 KB, arrays, objects, non-ASCII, nulls.
 
-    Its device time is `start + number` seconds (server time 0.75 s later).
+    Its device time is `start + number` seconds (server time 0.75 s later). It comes from
+    device `number % devices`: a batch of consecutive messages holds min(batch size,
+    devices) distinct devices.
     """
     second = start + number
+    device = number % devices
     return {
-        "ident": f"35{number % 5000:013d}",
+        "ident": f"35{device:013d}",
         "timestamp": second + rng.randrange(1_000_000) / 1e6,
         "server.timestamp": second + 0.75,
         "channel.id": 1234,
-        "device.id": 5_000_000 + number % 5000,
-        "device.name": f"Грузовик №{number % 5000}",
+        "device.id": 5_000_000 + device,
+        "device.name": f"Грузовик №{device}",
         "device.type.id": 745,
         "protocol.id": 14,
         "peer": "185.213.2.17:42311",
@@ -97,11 +102,12 @@ def sample_message(number: int, rng: random.Random, start: int = FIXED_START) ->
 
 
 def sample_messages(
-    count: int, seed: int = 0, start: int = 0, start_time: int = FIXED_START
+    count: int, seed: int = 0, start: int = 0, start_time: int = FIXED_START, devices: int = 5000
 ) -> list[dict[str, Any]]:
-    """`count` messages numbered from `start`, one second apart from `start_time`."""
+    """`count` messages numbered from `start`, one second apart from `start_time`, from
+    `devices` devices in turn."""
     rng = random.Random(seed)
-    return [sample_message(start + i, rng, start_time) for i in range(count)]
+    return [sample_message(start + i, rng, start_time, devices) for i in range(count)]
 
 
 @dataclass

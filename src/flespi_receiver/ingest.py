@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from flespi_receiver.body import BodyReader, content_coding
 from flespi_receiver.config import StreamSettings
+from flespi_receiver.device_state import DEFAULT_EFFECTS, BatchEffects
 from flespi_receiver.errors import (
     BatchRejected,
     BodyIncomplete,
@@ -122,9 +123,11 @@ class StreamEndpoint:
         pool_limits: PoolLimits,
         access: AccessPolicy,
         metrics: Metrics,
+        effects: BatchEffects = DEFAULT_EFFECTS,
     ) -> None:
         self.limits = limits
         self.pool_limits = pool_limits
+        self.effects = effects
         self.access = access
         self.metrics = metrics
         # this stream's share of the bodies in flight: every other stream keeps one slot
@@ -337,6 +340,7 @@ class StreamEndpoint:
                 self.pool_limits,
                 quarantine=quarantine,
                 fields=self.fields,
+                effects=self.effects,
             )
         except BatchRejected as exc:
             return error_response(400 if exc.whole_body else 422, str(exc)), None

@@ -17,6 +17,7 @@ import structlog
 
 from flespi_receiver.config import PartitioningSettings
 from flespi_receiver.ddl import LocksBusy, with_short_locks
+from flespi_receiver.device_state import DEVICE_STATE_VIEW, KEEP_STATE_OF_DROPPED
 from flespi_receiver.errors import ConfigError
 from flespi_receiver.partition_peers import (
     KEEP_ALL,
@@ -28,6 +29,7 @@ from flespi_receiver.partition_peers import (
     retention_hours,
 )
 from flespi_receiver.store import Connection
+from flespi_receiver.trigger import CREATE_TRIGGER
 
 log = structlog.get_logger("flespi_receiver.partitions")
 
@@ -58,16 +60,15 @@ UPKEEP_PATIENCE = 120.0
 
 # A fresh, empty, plain messages table becomes a partitioned one with the same columns,
 # indexes and trigger.
-CONVERT = """
+CONVERT = f"""
 CREATE TABLE messages_partitioned (LIKE messages INCLUDING ALL) PARTITION BY RANGE (partition_ts);
 DROP VIEW IF EXISTS messages_typed;
+DROP VIEW device_state;
 DROP TABLE messages;
 ALTER TABLE messages_partitioned RENAME TO messages;
 CREATE TABLE messages_default PARTITION OF messages DEFAULT;
-CREATE TRIGGER messages_after_insert
-    AFTER INSERT ON messages
-    REFERENCING NEW TABLE AS new_messages
-    FOR EACH STATEMENT EXECUTE FUNCTION after_messages_insert();
+{DEVICE_STATE_VIEW};
+{CREATE_TRIGGER};
 """
 
 
@@ -297,6 +298,8 @@ async def _drop_older_than(conn: Connection, now: datetime, retention: str) -> N
     # dropping a partition locks the whole table: take it first, briefly, then drop them all
     await conn.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
     for partition in sorted(old, key=lambda p: p.name):
+        # device_state keeps its own copy of a latest message that goes
+        await conn.execute(KEEP_STATE_OF_DROPPED.format(partition=f'"{partition.name}"'))
         await conn.execute(f'DROP TABLE "{partition.name}"')
         log.info(
             "partition dropped by retention", partition=partition.name, ended=str(partition.ends)

@@ -17,6 +17,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from flespi_receiver.body import BodyReader
+from flespi_receiver.device_state import DEFAULT_EFFECTS, BatchEffects
 from flespi_receiver.errors import BatchRejected, BodyError
 from flespi_receiver.failures import PoolExhausted, database_kind
 from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
@@ -68,6 +69,7 @@ async def store_pooled(
     *,
     quarantine: bool,
     fields: MessageFields = DEFAULT_FIELDS,
+    effects: BatchEffects = DEFAULT_EFFECTS,
 ) -> StoreResult:
     """store_batch on a pooled connection: PoolExhausted, or whatever store_batch raises."""
     # two receivers storing overlapping batches in different orders can deadlock; PostgreSQL
@@ -84,6 +86,7 @@ async def store_pooled(
                     quarantine=quarantine,
                     command_timeout=limits.command_timeout,
                     fields=fields,
+                    effects=effects,
                 )
         except asyncpg.TransactionRollbackError:
             deadlocks += 1

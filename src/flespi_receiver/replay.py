@@ -16,6 +16,7 @@ from datetime import datetime
 
 import asyncpg
 
+from flespi_receiver.device_state import BatchEffects
 from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.messages import DecodedBatch, Message, Rejected, decode_batch
 from flespi_receiver.store import Connection, store_decoded, store_rejected
@@ -54,6 +55,14 @@ TOP_REASONS = 20
 # distinct reasons counted one by one; the others together
 KEPT_REASONS = 1000
 OTHER_REASONS = "(other reasons)"
+# What the session asks of stored messages, as the receiver's connections say it (app.py)
+SESSION_EFFECTS = """
+SELECT coalesce(current_setting('flespi_receiver.device_state', true), 'on') = 'on',
+       coalesce(current_setting('flespi_receiver.device_state_merge', true), 'off') = 'on',
+       coalesce(current_setting('flespi_receiver.notify_channel', true), '')
+"""
+# the chunk keeps device_state itself, like the receiver: the row trigger for others skips it
+AS_RECEIVER = "SELECT set_config('flespi_receiver.writer', 'receiver', true)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,19 +143,23 @@ async def replay_rejected(
 ) -> ReplaySummary:
     """Replay the selected rows chunk by chunk; each chunk is committed (or, in a dry run,
     rolled back) before the next is read. `conn` must have the receiver's session settings
-    (search path, device state, notify channel: app.connection_settings); `fields` names each
+    (search path, device state, notify channel: app.connection_settings); each chunk keeps
+    device_state and sends one NOTIFY per stream as a batch does; `fields` names each
     stream's known fields and identity; when it is given, rows of other streams are left as
     they are (counted in `not_configured`)."""
     summary = ReplaySummary(dry_run=dry_run)
     summary.selected = await count_selected(conn, selection)
+    device_state, merge, channel = await conn.fetchrow(SESSION_EFFECTS) or (True, False, "")
+    effects = BatchEffects(device_state, merge, channel)
     after: tuple[str, int] = ("", 0)
     while True:
         transaction = conn.transaction()
         await transaction.start()
         try:
+            await conn.execute(AS_RECEIVER)
             rows = await conn.fetch(LOCK_CHUNK, *selection.parameters(), *after, chunk_rows)
             if rows:
-                await _replay_chunk(conn, rows, summary, fields or {})
+                await _replay_chunk(conn, rows, summary, fields or {}, effects)
         except BaseException:
             await transaction.rollback()
             raise
@@ -167,6 +180,7 @@ async def _replay_chunk(
     rows: Sequence[asyncpg.Record],
     summary: ReplaySummary,
     fields: Mapping[str, MessageFields],
+    effects: BatchEffects,
 ) -> None:
     by_stream: dict[str, list[asyncpg.Record]] = {}
     for row in rows:
@@ -176,7 +190,7 @@ async def _replay_chunk(
             summary.not_configured += len(stream_rows)
             continue
         stream_fields = fields.get(stream, DEFAULT_FIELDS)
-        await _replay_stream_rows(conn, stream, stream_rows, summary, stream_fields)
+        await _replay_stream_rows(conn, stream, stream_rows, summary, stream_fields, effects)
     summary.examined += len(rows)
 
 
@@ -186,12 +200,14 @@ async def _replay_stream_rows(
     rows: Sequence[asyncpg.Record],
     summary: ReplaySummary,
     fields: MessageFields,
+    effects: BatchEffects,
 ) -> None:
-    """One stream's rows of a chunk, in the chunk's transaction."""
+    """One stream's rows of a chunk, in the chunk's transaction, with its device_state and
+    one NOTIFY."""
     decoded = [_decode_row(row["raw"], row["reason"], fields) for row in rows]
     messages: list[Message] = [m for batch in decoded for m in batch.messages]
     refused: list[Rejected] = []
-    stored = await store_decoded(conn, stream, messages, refused) if messages else 0
+    stored = await store_decoded(conn, stream, messages, refused, effects) if messages else 0
     refused_reasons = {item.raw: item.reason for item in refused}
 
     replayed: list[int] = []

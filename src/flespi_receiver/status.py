@@ -55,7 +55,7 @@ class DatabaseStatus:
     schema_version: int  # highest applied migration
     latest_version: int  # highest migration this receiver ships
     pending_migrations: list[str]
-    trigger: bool  # messages_after_insert exists (device_state / NOTIFY)
+    trigger: bool  # messages_keep_device_state exists (device_state for other sessions)
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def render_status(status: Status) -> str:
         f"database  {db.url}{' (embedded)' if db.embedded else ''}",
         f"server    PostgreSQL {db.server_version}, database {db.name}, {_size(db.size_bytes)}",
         f"schema    {db.schema}, version {version}",
-        f"trigger   {'on' if db.trigger else 'off'} (device_state and NOTIFY)",
+        f"trigger   {'on' if db.trigger else 'off'} (device_state for other sessions' inserts)",
         "",
     ]
     header = ("stream", "stored", "last hour", "last commit (UTC)", "rejected", "devices")

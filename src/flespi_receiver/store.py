@@ -6,7 +6,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
@@ -14,6 +14,14 @@ from asyncpg.pool import PoolConnectionProxy
 
 from flespi_receiver.body import BodyReader
 from flespi_receiver.copy_format import HEADER, TRAILER, copy_chunks, row_chunks, stream_field
+from flespi_receiver.device_state import (
+    DEFAULT_EFFECTS,
+    BatchEffects,
+    DeviceFold,
+    Stored,
+    finishing_statement,
+    small_batch_statement,
+)
 from flespi_receiver.errors import BatchRejected
 from flespi_receiver.failures import DatabaseState, shared_kind, state_kind
 from flespi_receiver.fields import DEFAULT_FIELDS, MESSAGE_COLUMNS, MessageFields, as_datetime
@@ -48,7 +56,7 @@ SELECT $1, * FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::b
                          $6::bigint[], $7::float8[], $8::float8[], $9::timestamptz[],
                          $10::jsonb[], $11::bytea[])
 ON CONFLICT (stream, partition_ts, message_hash) DO NOTHING
-RETURNING message_hash
+RETURNING id
 """
 
 INSERT_REJECTED = """
@@ -60,6 +68,8 @@ ON CONFLICT (stream, raw_hash) DO NOTHING
 QUARANTINED = """
 SELECT raw_hash FROM rejected_messages WHERE stream = $1 AND raw_hash = ANY($2::bytea[])
 """
+
+_T = TypeVar("_T")
 
 # Up to this many messages, one INSERT statement beats COPY in a transaction.
 SMALL_BATCH = 50
@@ -101,6 +111,7 @@ async def store_batch(
     quarantine: bool = True,
     command_timeout: float | None = None,
     fields: MessageFields = DEFAULT_FIELDS,
+    effects: BatchEffects = DEFAULT_EFFECTS,
 ) -> StoreResult:
     """Decode and store a batch body in one transaction; on return it is committed.
 
@@ -110,9 +121,10 @@ async def store_batch(
     With `quarantine` off, content that can't be stored raises BatchRejected and nothing is
     kept. A failure that is the database's state (see failures.py) raises: DatabaseState,
     or asyncpg's own exception. `fields` names the known fields in this stream's messages.
+    `effects`: device_state and NOTIFY, in the same transaction, one NOTIFY per batch.
     """
     fields.time_seen = False
-    result = await _store_batch(conn, stream, body, quarantine, command_timeout, fields)
+    result = await _store_batch(conn, stream, body, quarantine, command_timeout, fields, effects)
     if result.messages and not fields.time_seen and not fields.warned_without_time:
         # said once per stream, so that a notation that does not match is seen at once
         fields.warned_without_time = True
@@ -132,16 +144,20 @@ async def _store_batch(
     quarantine: bool,
     command_timeout: float | None,
     fields: MessageFields,
+    effects: BatchEffects,
 ) -> StoreResult:
     if isinstance(body, BodyReader):
         arrival = body.remaining()
         limit = None if command_timeout is None else client_timeout(arrival + command_timeout)
-        rows = _streamed_rows(stream, body, fields)
-        streamed = await _copy_optimistically(conn, rows, limit, command_timeout, arrival)
+        fold = DeviceFold(effects.merge)
+        rows = _streamed_rows(stream, body, fields, fold)
+        streamed = await _copy_optimistically(
+            conn, stream, rows, fold, effects, limit, command_timeout, arrival
+        )
         if streamed is not None:
             return StoreResult(messages=streamed, stored=streamed, duplicates=0, rejected=0)
         body = await body.read_all()
-    optimistic = await _store_optimistically(conn, stream, body, fields)
+    optimistic = await _store_optimistically(conn, stream, body, fields, effects)
     if optimistic is not None:
         return optimistic
     # a large body's careful decoding takes seconds: in a thread, the other streams go on
@@ -160,24 +176,46 @@ async def _store_batch(
             raise BatchRejected(rejected[0].reason)
         if rejected:
             await _store_rejected(conn, stream, rejected)
+        refused = {item.raw for item in rejected}
+        kept = (m for m in batch.messages if m.raw not in refused)
+        await _finish(conn, stream, effects, _fold(kept, effects), stored)
+    count = stored.count if stored else 0
     duplicates = (
-        len(batch.messages) + batch.repeated - stored - (len(rejected) - len(batch.rejected))
+        len(batch.messages) + batch.repeated - count - (len(rejected) - len(batch.rejected))
     )
     return StoreResult(
-        messages=batch.size, stored=stored, duplicates=duplicates, rejected=len(rejected)
+        messages=batch.size, stored=count, duplicates=duplicates, rejected=len(rejected)
     )
+
+
+def _fold(messages: Iterable[Message], effects: BatchEffects) -> DeviceFold:
+    fold = DeviceFold(effects.merge)
+    if effects.device_state:
+        for message in messages:
+            fold.add(message, message.columns, message.identity)
+    return fold
+
+
+async def _finish(
+    conn: Connection, stream: str, effects: BatchEffects, fold: DeviceFold, stored: Stored | None
+) -> None:
+    """The batch's device state and NOTIFY, in its transaction, as its last statement."""
+    statement = finishing_statement(effects, stream, fold, stored)
+    if statement is not None:
+        await conn.execute(statement[0], *statement[1])
 
 
 async def _store_optimistically(
-    conn: Connection, stream: str, body: bytes, fields: MessageFields
+    conn: Connection, stream: str, body: bytes, fields: MessageFields, effects: BatchEffects
 ) -> StoreResult | None:
     """The common case: every message valid and exactly re-encodable. None: be careful."""
     elements = split_elements(body)
     if elements is None:
         return None
     if len(elements) > SMALL_BATCH:
-        copy_data = _as_async(copy_chunks(stream, exact_messages(elements, fields)))
-        stored = await _copy_optimistically(conn, copy_data)
+        fold = DeviceFold(effects.merge)
+        copy_data = _as_async(copy_chunks(stream, exact_messages(elements, fields), fold))
+        stored = await _copy_optimistically(conn, stream, copy_data, fold, effects)
         if stored is None:
             return None
         return StoreResult(messages=stored, stored=stored, duplicates=0, rejected=0)
@@ -186,8 +224,17 @@ async def _store_optimistically(
     records: list[tuple[Any, ...]] = []
 
     async def insert() -> int:
-        records.extend(_record(stream, message) for message in exact_messages(elements, fields))
-        return await _insert_skipping_conflicts(conn, records) if records else 0
+        fold = DeviceFold(effects.merge)
+        for message in exact_messages(elements, fields):
+            records.append(_record(stream, message))
+            if effects.device_state:
+                fold.add(message, message.columns, message.identity)
+        if not records:
+            return 0
+        statement, extra = small_batch_statement(effects, INSERT_MESSAGES, fold, 12)
+        arrays = [list(column) for column in zip(*records, strict=True)][1:]
+        stored = await conn.fetchval(statement, stream, *arrays, *extra)
+        return int(stored)
 
     stored = await _unless_careful(insert())
     if stored is None:
@@ -199,16 +246,20 @@ async def _store_optimistically(
 
 async def _copy_optimistically(
     conn: Connection,
+    stream: str,
     copy_data: AsyncIterator[bytes],
+    fold: DeviceFold,
+    effects: BatchEffects,
     limit: float | None = None,
     command_timeout: float | None = None,
     arrival: float = 0.0,
 ) -> int | None:
     """The common case, in one COPY: every message is new, valid and exactly re-encodable.
 
-    Messages are checked and encoded while the first ones are already on their way to
-    PostgreSQL. In a transaction of its own, committed on success; returns how many rows
-    were stored, or None, having stored nothing, when the careful path is needed.
+    Messages are checked and encoded (and folded per device) while the first ones are already
+    on their way to PostgreSQL. In a transaction of its own with the device state and NOTIFY,
+    committed on success; returns how many rows were stored, or None, having stored nothing,
+    when the careful path is needed.
     With `command_timeout`, the data arrives with a body (`arrival` seconds left for it):
     PostgreSQL's own limits are set for that (timeouts.bound_streamed).
     """
@@ -217,13 +268,16 @@ async def _copy_optimistically(
         async with conn.transaction():
             if command_timeout is not None:
                 await bound_streamed(conn, command_timeout, arrival)
-            return await _copy(conn, copy_data, limit)
+            stored = await _copy(conn, copy_data, limit)
+            if stored:
+                await _finish(conn, stream, effects, fold, Stored.copied(fold))
+            return stored
 
     return await _unless_careful(copy())
 
 
 async def _streamed_rows(
-    stream: str, body: BodyReader, fields: MessageFields
+    stream: str, body: BodyReader, fields: MessageFields, fold: DeviceFold
 ) -> AsyncIterator[bytes]:
     """The COPY data of a body that is still arriving, encoded as its messages come in:
     PostgreSQL works on the first rows while the rest of the body is on its way."""
@@ -231,14 +285,14 @@ async def _streamed_rows(
     field = stream_field(stream)
     yield HEADER
     async for data in body.chunks():
-        for chunk in row_chunks(field, exact_messages(splitter.feed(data), fields)):
+        for chunk in row_chunks(field, exact_messages(splitter.feed(data), fields), fold):
             yield chunk
-    for chunk in row_chunks(field, exact_messages(splitter.finish(), fields)):
+    for chunk in row_chunks(field, exact_messages(splitter.finish(), fields), fold):
         yield chunk
     yield TRAILER
 
 
-async def _unless_careful(attempt: Coroutine[Any, Any, int]) -> int | None:
+async def _unless_careful(attempt: Coroutine[Any, Any, _T]) -> _T | None:
     """The attempt's result, or None when it met something only the careful path handles."""
     try:
         return await attempt
@@ -254,12 +308,13 @@ async def _unless_careful(attempt: Coroutine[Any, Any, int]) -> int | None:
 
 async def _store_messages(
     conn: Connection, stream: str, messages: list[Message], rejected: list[Rejected]
-) -> int:
+) -> Stored | None:
+    """Store what the stream doesn't hold yet; what was stored, None for nothing."""
     by_identity: dict[bytes, Message] = {}
     for message in messages:
         by_identity.setdefault(message.identity, message)
     if not by_identity:
-        return 0
+        return None
     # a deferred constraint would refuse a message only at COMMIT, where no message can be
     # told apart: checked at each statement instead, so that one message's refusal is its own
     await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
@@ -269,29 +324,29 @@ async def _store_messages(
     # arrival order, so that ids increase in the order flespi sent the messages
     fresh = [(i, m) for i, m in by_identity.items() if i not in existing]
     if not fresh:
-        return 0
+        return None
+    copied = DeviceFold(merge=False)
 
     async def copy() -> int:
         async with conn.transaction():
             # COPY is the fastest way in; it fails as a whole if another receiver got there first
-            chunks = copy_chunks(stream, (message for _, message in fresh))
+            chunks = copy_chunks(stream, (message for _, message in fresh), copied)
             return await _copy(conn, _as_async(chunks))
 
-    stored = await _unless_careful(copy())
-    if stored is not None:
-        return stored
+    if await _unless_careful(copy()) is not None:
+        return Stored.copied(copied)
     # another receiver stored some of these meanwhile, or PostgreSQL refused one of them
     records = [_record(stream, message) for _, message in fresh]
 
-    async def insert() -> int:
+    async def insert() -> list[int]:
         async with conn.transaction():
             return await _insert_skipping_conflicts(conn, records)
 
-    stored = await _unless_careful(insert())
-    if stored is not None:
-        return stored
-    settled = [m for i, m in by_identity.items() if i in existing]
-    return await _insert_one_by_one(conn, stream, records, fresh, rejected, settled)
+    ids = await _unless_careful(insert())
+    if ids is None:
+        settled = [m for i, m in by_identity.items() if i in existing]
+        ids = await _insert_one_by_one(conn, stream, records, fresh, rejected, settled)
+    return Stored(len(ids), min(ids), max(ids)) if ids else None
 
 
 async def _copy(
@@ -312,11 +367,11 @@ async def _as_async(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _insert_skipping_conflicts(conn: Connection, records: list[tuple[Any, ...]]) -> int:
-    """One statement; atomic on its own, or part of the caller's transaction."""
+async def _insert_skipping_conflicts(conn: Connection, records: list[tuple[Any, ...]]) -> list[int]:
+    """One statement; atomic on its own, or part of the caller's transaction. The ids stored."""
     stream = records[0][0]
     arrays = [list(column) for column in zip(*records, strict=True)][1:]
-    return len(await conn.fetch(INSERT_MESSAGES, stream, *arrays))
+    return [row[0] for row in await conn.fetch(INSERT_MESSAGES, stream, *arrays)]
 
 
 async def _insert_one_by_one(
@@ -326,8 +381,9 @@ async def _insert_one_by_one(
     fresh: list[tuple[bytes, Message]],
     rejected: list[Rejected],
     settled: list[Message],
-) -> int:
-    """PostgreSQL refused something in the batch: find which messages, keep the rest.
+) -> list[int]:
+    """PostgreSQL refused something in the batch: find which messages, keep the rest; the
+    ids stored.
 
     A message that fails while another one stores is refused content. A message of the batch
     stored before (`settled`, a resent batch) counts as one that stores when its INSERT still
@@ -335,7 +391,7 @@ async def _insert_one_by_one(
     the error's class decides between content and the database's state (failures.py),
     unless the message was quarantined before.
     """
-    stored = 0
+    stored: list[int] = []
     succeeded = 0
     failed: list[tuple[Message, asyncpg.PostgresError]] = []
     for record, (_, message) in zip(records, fresh, strict=True):
@@ -401,13 +457,23 @@ async def _store_rejected(conn: Connection, stream: str, rejected: Iterable[Reje
 
 
 async def store_decoded(
-    conn: Connection, stream: str, messages: list[Message], rejected: list[Rejected]
+    conn: Connection,
+    stream: str,
+    messages: list[Message],
+    rejected: list[Rejected],
+    effects: BatchEffects = DEFAULT_EFFECTS,
 ) -> int:
     """Store already decoded messages the way a batch's careful path does, inside the caller's
     transaction: what is already in the stream is skipped, what PostgreSQL refuses is appended
-    to `rejected` (not stored there). Returns how many rows were stored. Used by replay and
-    backfill, so that they share the stream's identity, derived columns and quarantine."""
-    return await _store_messages(conn, stream, messages, rejected)
+    to `rejected` (not stored there), and `effects` (device_state, one NOTIFY) follow as for a
+    batch. Returns how many rows were stored. Used by replay and backfill, so that they share
+    the stream's identity, derived columns, quarantine and derived state."""
+    before = len(rejected)
+    stored = await _store_messages(conn, stream, messages, rejected)
+    refused = {identity_of(item.raw) for item in rejected[before:]}
+    kept = (m for m in messages if m.identity not in refused)
+    await _finish(conn, stream, effects, _fold(kept, effects), stored)
+    return stored.count if stored else 0
 
 
 async def store_rejected(conn: Connection, stream: str, rejected: Iterable[Rejected]) -> None:

@@ -1,9 +1,11 @@
-"""The statement trigger on messages (device_state and NOTIFY), kept only while it is needed.
+"""The row trigger on messages that keeps device_state for inserts by other sessions.
 
-Its transition table copies every inserted row, which costs about 6 % of COPY's throughput
-even when the trigger then does nothing; so with device state and notifications both off,
-the trigger is dropped, and it is created again when either is switched on. The trigger is
-one per database: receivers writing to one database should share these settings.
+The receiver keeps device_state itself, in each batch's transaction (device_state.py), and its
+sessions say so (`flespi_receiver.writer = 'receiver'`), which the trigger's WHEN condition
+checks before anything is queued: the receiver's rows cost it one condition each. A user's
+session (psql, a backfill script) has no such setting, so its inserts keep the state too, one
+row at a time. With device_state off, the trigger is dropped; it is one per database, so
+receivers writing to one database should share that setting.
 """
 
 from __future__ import annotations
@@ -20,31 +22,29 @@ log = structlog.get_logger("flespi_receiver.trigger")
 TRIGGER_EXISTS = """
 SELECT EXISTS (
     SELECT 1 FROM pg_trigger
-    WHERE tgname = 'messages_after_insert'
+    WHERE tgname = 'messages_keep_device_state'
       AND tgrelid = to_regclass(current_schema() || '.messages')
 )
 """
 CREATE_TRIGGER = """
-CREATE OR REPLACE TRIGGER messages_after_insert
+CREATE OR REPLACE TRIGGER messages_keep_device_state
     AFTER INSERT ON messages
-    REFERENCING NEW TABLE AS new_messages
-    FOR EACH STATEMENT EXECUTE FUNCTION after_messages_insert()
+    FOR EACH ROW
+    WHEN (current_setting('flespi_receiver.writer', true) IS DISTINCT FROM 'receiver'
+          AND NEW.ident IS NOT NULL)
+    EXECUTE FUNCTION keep_device_state_of_row()
 """
-DROP_TRIGGER = "DROP TRIGGER IF EXISTS messages_after_insert ON messages"
+DROP_TRIGGER = "DROP TRIGGER IF EXISTS messages_keep_device_state ON messages"
 
 
 async def apply_trigger(
     conn: Connection, db: DatabaseSettings
 ) -> Literal["created", "dropped"] | None:
     """Create or drop the trigger to match the settings; what was done, if anything."""
-    needed = db.device_state or bool(db.notify_channel)
+    needed = db.device_state
     if await conn.fetchval(TRIGGER_EXISTS) == needed:
         return None
     await conn.execute(CREATE_TRIGGER if needed else DROP_TRIGGER)
     action: Literal["created", "dropped"] = "created" if needed else "dropped"
-    log.info(
-        f"trigger on messages {action}",
-        device_state=db.device_state,
-        notify_channel=db.notify_channel,
-    )
+    log.info(f"trigger on messages {action}", device_state=db.device_state)
     return action

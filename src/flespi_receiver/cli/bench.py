@@ -60,9 +60,27 @@ def register(commands: Subcommands) -> None:
         'however spelled (identity = "content", what backfill needs) (default: %(default)s)',
     )
     bench.add_argument(
-        "--device-state",
-        action="store_true",
-        help="keep device_state and send NOTIFY as by default (off: store rows only, like COPY)",
+        "--rows-only",
+        action="store_const",
+        const="rows-only",
+        dest="configuration",
+        default="default",
+        help="the receiver stores rows only, like COPY (default: the default configuration, "
+        "with device_state and NOTIFY)",
+    )
+    bench.add_argument(
+        "--merge",
+        action="store_const",
+        const="merge",
+        dest="configuration",
+        help="device_state in merge mode (device_state_merge = true), with NOTIFY",
+    )
+    bench.add_argument(
+        "--devices",
+        type=int,
+        default=5000,
+        help="distinct devices the messages come from, in turn: a batch holds "
+        "min(batch size, devices) of them (default: %(default)s)",
     )
     bench.add_argument(
         "--rounds",
@@ -143,14 +161,11 @@ async def _bench_on(url: str, args: argparse.Namespace) -> None:
     elif args.memory:
         await bench_scale.memory_profile(url, args.memory, args.max_body_size)
     else:
-        gzip_level = 6 if args.gzip else None
-        await bench.run_benchmark(
-            url,
-            sizes,
-            args.count,
-            gzip_level,
-            args.rounds,
-            args.device_state,
-            args.spelling,
-            args.identity,
+        workload = bench.Workload(
+            configuration=args.configuration,
+            devices=args.devices,
+            gzip_level=6 if args.gzip else None,
+            spelling=args.spelling,
+            identity=args.identity,
         )
+        await bench.run_benchmark(url, sizes, args.count, workload, args.rounds)

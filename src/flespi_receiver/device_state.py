@@ -1,0 +1,274 @@
+"""What a stored batch does besides its rows: device_state and one NOTIFY, in its transaction.
+
+The receiver folds each batch per device while it encodes the rows (so PostgreSQL never sorts
+or copies the batch for this), then, after the rows and before the commit, sends one statement:
+`keep_latest(...)` or `keep_merged(...)` (schema/0011_device_state_pointer.sql) with one element
+per device, and `pg_notify` with the batch's summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from flespi_receiver.config import DatabaseSettings
+from flespi_receiver.fields import POSTGRES_EPOCH, as_datetime, postgres_usecs
+from flespi_receiver.messages import Message
+
+# state_order(): microseconds since 1900-01-01 UTC, plus one (0 is "no time")
+_ORDER_OFFSET = (POSTGRES_EPOCH + 2208988800) * 1_000_000 + 1
+_NO_TIME = "0" * 15
+_LAST_ORDER = 16**15 - 1
+
+# The statement a batch ends with, in parts: $1 stream, then the state's arrays, then NOTIFY's.
+KEEP_LATEST = "keep_latest($1, ${}, ${}, ${}, ${})"
+KEEP_MERGED = "keep_merged($1, {})".format(", ".join("${}" for _ in range(11)))
+# the same payload the trigger used to send, spelled by PostgreSQL's json_build_object
+NOTIFY_BY_ID = (
+    "pg_notify(${}, json_build_object('stream', $1::text, 'count', ${}::bigint, "
+    "'first_id', ${}::bigint, 'last_id', ${}::bigint, "
+    "'xact_id', pg_current_xact_id()::text::numeric)::text)"
+)
+# after a COPY the ids are not known: the first and the last row of the COPY hold the batch's
+# first and last id (the identity is drawn row by row, in order), found by the identity key
+NOTIFY_BY_KEY = (
+    "pg_notify(${}, json_build_object('stream', $1::text, 'count', ${}::bigint, "
+    "'first_id', (SELECT id FROM messages WHERE stream = $1 AND partition_ts = ${} "
+    "AND message_hash = ${}), "
+    "'last_id', (SELECT id FROM messages WHERE stream = $1 AND partition_ts = ${} "
+    "AND message_hash = ${}), 'xact_id', pg_current_xact_id()::text::numeric)::text)"
+)
+
+
+# The view users query, as the migration made it (partitions.py makes it again after turning
+# messages into a partitioned table).
+DEVICE_STATE_VIEW = """
+CREATE VIEW device_state AS
+SELECT d.stream, d.ident,
+       coalesce(d.message_id, m.id) AS message_id,
+       d.ts,
+       coalesce(d.received_at, m.received_at) AS received_at,
+       CASE WHEN d.payload IS NULL THEN m.latitude ELSE d.latitude END AS latitude,
+       CASE WHEN d.payload IS NULL THEN m.longitude ELSE d.longitude END AS longitude,
+       coalesce(d.payload, m.payload) AS payload,
+       d.message_hash, d.updated_at
+FROM device_latest AS d
+LEFT JOIN messages AS m
+  ON m.stream = d.stream AND m.partition_ts = d.partition_ts AND m.message_hash = d.message_hash
+"""
+
+# Before retention drops a partition: the states that point into it take a copy of what the
+# view shows from the message ({partition}: a partition's name, made by the receiver).
+KEEP_STATE_OF_DROPPED = """
+UPDATE device_latest AS d
+SET payload = coalesce(d.payload, m.payload),
+    latitude = CASE WHEN d.payload IS NULL THEN m.latitude ELSE d.latitude END,
+    longitude = CASE WHEN d.payload IS NULL THEN m.longitude ELSE d.longitude END,
+    message_id = m.id, received_at = m.received_at
+FROM {partition} AS m
+WHERE d.message_id IS NULL
+  AND m.stream = d.stream AND m.partition_ts = d.partition_ts AND m.message_hash = d.message_hash
+"""
+
+
+def small_batch_statement(
+    effects: BatchEffects, insert: str, fold: DeviceFold, first_parameter: int
+) -> tuple[str, list[Any]]:
+    """One statement for a small batch: `insert` (INSERT ... RETURNING id, taking $1 as the
+    stream), the device state and the NOTIFY; returns the stored count, first and last id.
+    The added arguments are numbered from `first_parameter`."""
+    parts = ["count(*)", "min(id)", "max(id)"]
+    args: list[Any] = []
+    if effects.device_state and (fold.latest or fold.every):
+        arrays = fold.merged_arguments() if effects.merge else fold.latest_arguments()
+        numbers = range(first_parameter, first_parameter + len(arrays))
+        template = KEEP_MERGED if effects.merge else KEEP_LATEST
+        parts.append(f"CASE WHEN count(*) > 0 THEN {template.format(*numbers)} END")
+        args.extend(arrays)
+    if effects.notify_channel:
+        parts.append(
+            f"CASE WHEN count(*) > 0 THEN pg_notify(${first_parameter + len(args)}, "
+            "json_build_object('stream', $1, 'count', count(*), 'first_id', min(id), "
+            "'last_id', max(id), 'xact_id', pg_current_xact_id()::text::numeric)::text) END"
+        )
+        args.append(effects.notify_channel)
+    # only constants and numbered parameters go into the text
+    return f"WITH stored AS ({insert}) SELECT {', '.join(parts)} FROM stored", args  # noqa: S608
+
+
+def state_order(ts: float | None, identity: bytes) -> str:
+    """The text state_order() gives in PostgreSQL: sorts like (ts or -infinity, identity)."""
+    if ts is None:
+        return _NO_TIME + identity.hex()
+    usecs = min(max(postgres_usecs(ts) + _ORDER_OFFSET, 1), _LAST_ORDER)
+    return f"{usecs:015x}{identity.hex()}"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchEffects:
+    """What the configuration asks of every stored batch."""
+
+    device_state: bool = True
+    merge: bool = False
+    notify_channel: str = "flespi_messages"
+
+    @classmethod
+    def from_settings(cls, db: DatabaseSettings) -> BatchEffects:
+        return cls(db.device_state, db.device_state_merge, db.notify_channel)
+
+    @property
+    def any(self) -> bool:
+        return self.device_state or bool(self.notify_channel)
+
+
+# the default configuration's
+DEFAULT_EFFECTS = BatchEffects()
+
+
+# a message's place in "latest" order: no time is older than any time, ties by identity
+_Key = tuple[float, bytes]
+_NEG_INF = float("-inf")
+
+
+@dataclass(slots=True)
+class DeviceFold:
+    """A batch folded per device, as messages are stored: the latest message of each device
+    (and in merge mode every message, folded at the end), and the first and last message."""
+
+    merge: bool
+    latest: dict[str, tuple[_Key, float | None, bytes, float]] = field(default_factory=dict)
+    every: dict[str, list[tuple[_Key, Message, float | None, float, Any, Any]]] = field(
+        default_factory=dict
+    )
+    count: int = 0
+    first: tuple[float, bytes] | None = None
+    last: tuple[float, bytes] | None = None
+
+    def add(self, message: Message, columns: Sequence[Any], identity: bytes) -> None:
+        """One stored message with its derived columns (fields.columns()) and identity."""
+        ident, ts, partition_ts = columns[0], columns[1], columns[7]
+        self.count += 1
+        self.last = (partition_ts, identity)
+        if self.first is None:
+            self.first = self.last
+        if ident is None:
+            return
+        key = (_NEG_INF if ts is None else ts, identity)
+        if self.merge:
+            entry = (key, message, ts, partition_ts, columns[5], columns[6])
+            self.every.setdefault(ident, []).append(entry)
+            return
+        held = self.latest.get(ident)
+        if held is None or key > held[0]:
+            self.latest[ident] = (key, ts, identity, partition_ts)
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def latest_arguments(self) -> list[list[Any]]:
+        """keep_latest()'s arrays: idents (sorted, so that receivers lock rows in one order),
+        times, identities, partition times (NULL where equal to the time: most often)."""
+        idents = sorted(self.latest)
+        rows = [self.latest[ident] for ident in idents]
+        return [
+            idents,
+            [as_datetime(row[1]) for row in rows],
+            [row[2] for row in rows],
+            [None if row[1] == row[3] else as_datetime(row[3]) for row in rows],
+        ]
+
+    def merged_arguments(self) -> list[list[Any]]:
+        """keep_merged()'s arrays: per device its latest message, the earliest order among its
+        parameters, the last value and order of every parameter, of latitude and of longitude."""
+        arrays: list[list[Any]] = [[] for _ in range(12)]
+        for ident in sorted(self.every):
+            entries = sorted(self.every[ident], key=lambda entry: entry[0])
+            values: dict[str, Any] = {}
+            orders: dict[str, str] = {}
+            latitude = latitude_order = longitude = longitude_order = None
+            for key, message, ts, _, lat, lon in entries:
+                order = state_order(ts, key[1])
+                # decoding lets the parse go once the columns are known: read the text again
+                data = orjson.loads(message.raw)
+                values.update(data)
+                orders.update(dict.fromkeys(data, order))
+                if lat is not None:
+                    latitude, latitude_order = lat, order
+                if lon is not None:
+                    longitude, longitude_order = lon, order
+            (_, newest), _, ts, partition_ts, _, _ = entries[-1]
+            row = (
+                ident,
+                as_datetime(ts),
+                newest,
+                None if ts == partition_ts else as_datetime(partition_ts),
+                min(orders.values(), default=state_order(ts, newest)),
+                orjson.dumps(values).decode(),
+                orjson.dumps(orders).decode(),
+                latitude,
+                latitude_order,
+                longitude,
+                longitude_order,
+            )
+            for array, value in zip(arrays[1:], row, strict=True):
+                array.append(value)
+        return arrays[1:]
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What a batch stored, for its NOTIFY: how many rows, and its first and last row, by id
+    when known (INSERT ... RETURNING), else by identity key (partition_ts, message_hash)."""
+
+    count: int
+    first: int | tuple[float, bytes]
+    last: int | tuple[float, bytes]
+
+    @classmethod
+    def copied(cls, fold: DeviceFold) -> Stored:
+        """The rows of one COPY: the fold saw them all, in order."""
+        assert fold.first is not None
+        assert fold.last is not None
+        return cls(fold.count, fold.first, fold.last)
+
+
+def finishing_statement(
+    effects: BatchEffects, stream: str, fold: DeviceFold, stored: Stored | None
+) -> tuple[str, list[Any]] | None:
+    """The statement (and its arguments) that ends a batch's transaction; None: none needed.
+
+    `fold` holds the messages whose device state is kept (folding a message again changes
+    nothing, so it may hold some stored before); `stored` what this batch stored.
+    """
+    parts: list[str] = []
+    args: list[Any] = [stream]
+    if effects.device_state and (fold.latest or fold.every):
+        arrays = fold.merged_arguments() if effects.merge else fold.latest_arguments()
+        numbers = range(len(args) + 1, len(args) + 1 + len(arrays))
+        template = KEEP_MERGED if effects.merge else KEEP_LATEST
+        parts.append(template.format(*numbers))
+        args.extend(arrays)
+    if effects.notify_channel and stored is not None and stored.count:
+        start = len(args) + 1
+        args.extend([effects.notify_channel, stored.count])
+        if isinstance(stored.first, int) and isinstance(stored.last, int):
+            parts.append(NOTIFY_BY_ID.format(*range(start, start + 4)))
+            args.extend([stored.first, stored.last])
+        else:
+            assert not isinstance(stored.first, int)
+            assert not isinstance(stored.last, int)
+            parts.append(NOTIFY_BY_KEY.format(*range(start, start + 6)))
+            args.extend(
+                [
+                    as_datetime(stored.first[0]),
+                    stored.first[1],
+                    as_datetime(stored.last[0]),
+                    stored.last[1],
+                ]
+            )
+    if not parts:
+        return None
+    return "SELECT " + ", ".join(parts), args
