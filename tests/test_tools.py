@@ -104,6 +104,26 @@ def test_bench_prints_the_comparison(pg_server: Server) -> None:
     assert run["receiver_vs_copy"] > 0
     assert run["receiver_vs_naive"] > 0
     assert "receiver/COPY" in result.stdout
+    # what users run unless told otherwise: device_state and NOTIFY on
+    assert (summary["configuration"], summary["devices"]) == ("default", 5000)
+    assert "receiver configuration: default" in result.stdout
+
+
+def test_bench_measures_other_configurations_and_fleets(pg_server: Server) -> None:
+    _, summary = bench(
+        pg_server,
+        "--count",
+        "300",
+        "--batch-size",
+        "100",
+        "--rounds",
+        "1",
+        "--merge",
+        "--devices",
+        "20",
+    )
+    assert (summary["configuration"], summary["devices"]) == ("merge", 20)
+    assert summary["batches"][0]["flespi-receiver"]["messages"] == 1000
 
 
 def test_growth_and_memory_benchmarks_run(pg_server: Server) -> None:
