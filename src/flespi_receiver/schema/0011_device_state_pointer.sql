@@ -69,9 +69,10 @@ CREATE FUNCTION keep_latest(p_stream text, p_idents text[], p_ts timestamptz[],
                             p_hashes bytea[], p_partition_ts timestamptz[]) RETURNS integer
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
-    moved integer;
+    moved text[];
     made integer;
 BEGIN
+    WITH pointed AS (
     UPDATE device_latest AS s
     SET ts = i.ts, message_hash = i.message_hash,
         partition_ts = coalesce(i.partition_ts, i.ts), updated_at = now(),
@@ -82,18 +83,20 @@ BEGIN
     FROM unnest(p_idents, p_ts, p_hashes, p_partition_ts)
          AS i(ident, ts, message_hash, partition_ts)
     WHERE s.stream = p_stream AND s.ident = i.ident
-      AND is_later(i.ts, i.message_hash, s.ts, s.message_hash);
-    GET DIAGNOSTICS moved = ROW_COUNT;
-    IF moved = cardinality(p_idents) THEN
-        RETURN moved;
+      AND is_later(i.ts, i.message_hash, s.ts, s.message_hash)
+    RETURNING s.ident
+    )
+    SELECT coalesce(array_agg(ident), '{}') INTO moved FROM pointed;
+    IF cardinality(moved) = cardinality(p_idents) THEN
+        RETURN cardinality(moved);
     END IF;
-    -- devices seen for the first time (or meanwhile by another receiver: the later wins)
+    -- the others: devices seen for the first time, states already later, and states another
+    -- receiver made meanwhile (invisible to the UPDATE above): ON CONFLICT sees them all
     INSERT INTO device_latest AS s (stream, ident, ts, message_hash, partition_ts)
     SELECT p_stream, i.ident, i.ts, i.message_hash, coalesce(i.partition_ts, i.ts)
     FROM unnest(p_idents, p_ts, p_hashes, p_partition_ts)
          AS i(ident, ts, message_hash, partition_ts)
-    WHERE NOT EXISTS (SELECT FROM device_latest AS d
-                      WHERE d.stream = p_stream AND d.ident = i.ident)
+    WHERE i.ident <> ALL (moved)
     ON CONFLICT (stream, ident) DO UPDATE
     SET ts = excluded.ts, message_hash = excluded.message_hash,
         partition_ts = excluded.partition_ts, updated_at = now(), payload = NULL,
@@ -101,7 +104,7 @@ BEGIN
         parameter_orders = NULL, latitude_order = NULL, longitude_order = NULL
     WHERE is_later(excluded.ts, excluded.message_hash, s.ts, s.message_hash);
     GET DIAGNOSTICS made = ROW_COUNT;
-    RETURN moved + made;
+    RETURN cardinality(moved) + made;
 END
 $$;
 
