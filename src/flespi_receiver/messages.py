@@ -44,6 +44,8 @@ class Message:
     columns: tuple[Any, ...] = ()
     # for a stream keyed by content: computed with the columns, before the parse is let go
     content_identity: bytes | None = None
+    # the hash of the text, computed once: the COPY row and the device fold both need it
+    _text_identity: bytes = b""
 
     @property
     def identity(self) -> bytes:
@@ -51,7 +53,9 @@ class Message:
         by content, else the hash of the text as sent (identity.py)."""
         if self.content_identity is not None:
             return self.content_identity
-        return text_identity(self.raw)
+        if not self._text_identity:
+            self._text_identity = text_identity(self.raw)
+        return self._text_identity
 
 
 @dataclass(slots=True)
