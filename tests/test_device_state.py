@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flespi_receiver.config import PartitioningSettings
+from flespi_receiver.device_state import parameter_keys
 from flespi_receiver.fields import columns
 from flespi_receiver.migrate import migrate, migrations
 from flespi_receiver.partitions import ensure_partitioned, maintain
@@ -309,3 +310,41 @@ async def test_retention_keeps_the_state_of_a_device_whose_latest_message_goes(
     await maintain(db, keep_90_days, now=datetime(2026, 11, 28, tzinfo=UTC))
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
     assert dict(await state(db)) == before
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(keys=st.lists(st.text(st.characters(blacklist_characters="\x00"), max_size=6), max_size=6))
+async def test_the_receiver_digests_parameter_keys_as_postgresql_does(
+    db: asyncpg.Connection, keys: list[str]
+) -> None:
+    payload = dict.fromkeys(keys, 1)
+    sql = await db.fetchval("SELECT parameter_keys($1::jsonb)", orjson.dumps(payload).decode())
+    assert parameter_keys(tuple(payload)) == sql
+
+
+async def test_a_fleet_in_real_time_keeps_no_orders_in_merge_mode(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    # every message with the same parameters, each batch later than the last: the batch's fold
+    # is the new state as it is, and no parameter needs an order of its own
+    client = await receiver(database=MERGE)
+    sent: list[dict[str, Any]] = []
+    for second in range(3):
+        batch = [message(f"d{i}", 1764000000 + second, a=second, b=i) for i in range(3)]
+        await send(client, *batch)
+        sent += batch
+    assert await stored_state(db) == expected_state(sent, merge=True)
+    rows = await db.fetch("SELECT parameter_orders, parameter_keys FROM device_latest")
+    assert {r["parameter_orders"] for r in rows} == {"{}"}
+    # a message without `b`, then an older one with `c`: each kept where it belongs
+    later = message("d0", 1764000010, a=9)
+    await send(client, later, message("d0", 1764000005, c=5))
+    assert await stored_state(db) == expected_state(
+        [*sent, later, message("d0", 1764000005, c=5)], merge=True
+    )
+    orders = orjson.loads(
+        await db.fetchval("SELECT parameter_orders FROM device_latest WHERE ident = 'd0'")
+    )
+    assert sorted(orders) == ["b", "c"]

@@ -8,6 +8,8 @@ per device, and `pg_notify` with the batch's summary.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +27,7 @@ _LAST_ORDER = 16**15 - 1
 
 # The statement a batch ends with, in parts: $1 stream, then the state's arrays, then NOTIFY's.
 KEEP_LATEST = "keep_latest($1, ${}, ${}, ${}, ${})"
-KEEP_MERGED = "keep_merged($1, {})".format(", ".join("${}" for _ in range(11)))
+KEEP_MERGED = "keep_merged($1, {})".format(", ".join("${}" for _ in range(12)))
 # the same payload the trigger used to send, spelled by PostgreSQL's json_build_object
 NOTIFY_BY_ID = (
     "pg_notify(${}, json_build_object('stream', $1::text, 'count', ${}::bigint, "
@@ -97,6 +99,14 @@ def small_batch_statement(
         args.append(effects.notify_channel)
     # only constants and numbered parameters go into the text
     return f"WITH stored AS ({insert}) SELECT {', '.join(parts)} FROM stored", args  # noqa: S608
+
+
+@functools.lru_cache(maxsize=4096)
+def parameter_keys(keys: tuple[str, ...]) -> bytes:
+    """What parameter_keys() gives in PostgreSQL for a payload with these keys: SHA-256 of the
+    keys sorted bytewise (code points sort as their UTF-8 bytes do), each as its length in
+    characters, ':' and itself. Cached: a fleet's messages have few sets of keys."""
+    return hashlib.sha256("".join(f"{len(key)}:{key}" for key in sorted(keys)).encode()).digest()
 
 
 def state_order(ts: float | None, identity: bytes) -> str:
@@ -182,32 +192,43 @@ class DeviceFold:
 
     def merged_arguments(self) -> list[list[Any]]:
         """keep_merged()'s arrays: per device its latest message, the earliest order among its
-        parameters, the last value and order of every parameter, of latitude and of longitude."""
-        arrays: list[list[Any]] = [[] for _ in range(12)]
+        parameters, the last value of every parameter with its order where it is not the latest
+        message's, the digest of the parameters' keys, the last latitude and longitude with
+        their orders."""
+        arrays: list[list[Any]] = [[] for _ in range(13)]
         for ident in sorted(self.every):
-            entries = sorted(self.every[ident], key=lambda entry: entry[0])
+            entries = self.every[ident]
+            entries.sort(key=lambda entry: entry[0])
+            (_, newest), last, ts, partition_ts, _, _ = entries[-1]
+            latest = state_order(ts, newest)
             values: dict[str, Any] = {}
+            # the orders of the parameters that come from an earlier message of the batch
             orders: dict[str, str] = {}
             latitude = latitude_order = longitude = longitude_order = None
-            for key, message, ts, _, lat, lon in entries:
-                order = state_order(ts, key[1])
-                # decoding lets the parse go once the columns are known: read the text again
-                data = orjson.loads(message.raw)
-                values.update(data)
-                orders.update(dict.fromkeys(data, order))
+            for key, message, ts_, _, lat, lon in entries:
+                order = state_order(ts_, key[1]) if message is not last else latest
+                if message is not last:
+                    # decoding lets the parse go once the columns are known: read the text again
+                    data = orjson.loads(message.raw)
+                    values.update(data)
+                    orders.update(dict.fromkeys(data, order))
                 if lat is not None:
                     latitude, latitude_order = lat, order
                 if lon is not None:
                     longitude, longitude_order = lon, order
-            (_, newest), _, ts, partition_ts, _, _ = entries[-1]
+            data = orjson.loads(last.raw)
+            values.update(data)
+            for name in data:
+                orders.pop(name, None)
             row = (
                 ident,
                 as_datetime(ts),
                 newest,
                 None if ts == partition_ts else as_datetime(partition_ts),
-                min(orders.values(), default=state_order(ts, newest)),
+                min(orders.values(), default=latest),
                 orjson.dumps(values).decode(),
                 orjson.dumps(orders).decode(),
+                parameter_keys(tuple(values)),
                 latitude,
                 latitude_order,
                 longitude,

@@ -20,8 +20,11 @@ CREATE TABLE device_latest (
     longitude        double precision,
     message_id       bigint,
     received_at      timestamptz,
-    -- merge mode: for every parameter, state_order() of the message its value came from
+    -- merge mode: state_order() of the message a parameter's value came from, for the parameters
+    -- whose value did not come from the latest message (most often none), and a digest of the
+    -- payload's keys (parameter_keys())
     parameter_orders jsonb,
+    parameter_keys   bytea,
     latitude_order   text,
     longitude_order  text,
     PRIMARY KEY (stream, ident)
@@ -40,26 +43,38 @@ RETURN lpad(to_hex(CASE WHEN ts IS NULL OR ts = '-infinity' THEN 0
                             + 1, 1), 1152921504606846975) END), 15, '0')
        || encode(message_hash, 'hex');
 
--- Every parameter of a payload, with one order.
-CREATE FUNCTION state_orders(payload jsonb, state_order text) RETURNS jsonb
+-- A digest of a payload's keys: SHA-256 of the keys sorted bytewise, each written as its length
+-- in characters, a colon and itself. The receiver computes the same (device_state.py), so that
+-- a batch with the same parameters as the state is merged without reading the state's payload.
+CREATE FUNCTION parameter_keys(payload jsonb) RETURNS bytea
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN CASE WHEN jsonb_typeof(payload) = 'object' THEN
-    (SELECT coalesce(jsonb_object_agg(key, state_order), '{}') FROM jsonb_object_keys(payload) AS key)
-ELSE '{}' END;
+RETURN sha256(convert_to(coalesce(
+    (SELECT string_agg(length(key) || ':' || key, '' ORDER BY key COLLATE "C")
+     FROM jsonb_object_keys(payload) AS key), ''), 'UTF8'));
 
--- The values of `later` whose order is after the one each parameter has in `payload`.
-CREATE FUNCTION merge_parameters(payload jsonb, orders jsonb, later jsonb, later_orders jsonb)
-RETURNS jsonb
+-- Merge mode, parameter by parameter: `payload` with its orders (`orders`, and `latest` for the
+-- parameters not in it) and `later` with its own (`later_orders`, `later_latest`); each
+-- parameter takes the value of the later order. Returns {"payload": ..., "orders": ...}, the
+-- orders kept only where they differ from the later of `latest` and `later_latest`.
+CREATE FUNCTION merge_parameters(payload jsonb, orders jsonb, latest text, later jsonb,
+                                 later_orders jsonb, later_latest text) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN payload || (SELECT coalesce(jsonb_object_agg(n.key, n.value), '{}')
-                   FROM jsonb_each(later) AS n
-                   WHERE later_orders ->> n.key > coalesce(orders ->> n.key, ''));
-
-CREATE FUNCTION merge_orders(orders jsonb, later_orders jsonb) RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN orders || (SELECT coalesce(jsonb_object_agg(n.key, n.value), '{}')
-                  FROM jsonb_each(later_orders) AS n
-                  WHERE n.value #>> '{}' > coalesce(orders ->> n.key, ''));
+RETURN (SELECT jsonb_build_object(
+            'payload', coalesce(jsonb_object_agg(key, CASE WHEN won THEN later -> key
+                                                           ELSE payload -> key END), '{}'),
+            'orders', coalesce(jsonb_object_agg(key, o) FILTER (
+                WHERE o <> greatest(latest, later_latest)), '{}'))
+        FROM (SELECT key, won, CASE WHEN won THEN later_o ELSE o END AS o
+              FROM (SELECT key, o, later_o, later_o IS NOT NULL AND (o IS NULL OR later_o > o) AS won
+                    FROM (SELECT key,
+                                 CASE WHEN payload ? key THEN coalesce(orders ->> key, latest) END
+                                     AS o,
+                                 CASE WHEN later ? key
+                                      THEN coalesce(later_orders ->> key, later_latest) END
+                                     AS later_o
+                          FROM (SELECT jsonb_object_keys(payload)
+                                UNION SELECT jsonb_object_keys(later)) AS k(key)) AS a) AS b)
+               AS c);
 
 -- Latest mode: each device's pointer moves to the given message if it is later. One element per
 -- device; p_partition_ts NULL means "the same as p_ts" (the usual case). Devices seen for the
@@ -110,21 +125,25 @@ $$;
 
 -- Merge mode: the same pointer, and every parameter (and the position) keeps the value of the
 -- latest message that had it, whatever order the messages came in (p_partition_ts as in
--- keep_latest). p_oldest: the earliest order
--- among each device's parameters in this batch; when it is after the state's latest message,
--- merging is a plain ||. Everything is computed on the locked row, so that two receivers
--- updating one device at once both count. Returns how many states changed.
+-- keep_latest). Per device: the batch's latest message, the earliest order among the batch's
+-- parameters (p_oldest), the batch folded (p_payloads: every parameter's last value;
+-- p_orders: the orders that differ from the batch's latest message's; p_keys:
+-- parameter_keys() of p_payloads) and the last position with its orders. When the whole batch
+-- is later than the state and has the same parameters, which is the usual case, the batch's
+-- fold is the new state as it is. Everything is computed on the locked row, so that two
+-- receivers updating one device at once both count. Returns how many states changed.
 CREATE FUNCTION keep_merged(p_stream text, p_idents text[], p_ts timestamptz[], p_hashes bytea[],
                             p_partition_ts timestamptz[], p_oldest text[], p_payloads jsonb[],
-                            p_orders jsonb[], p_latitudes float8[], p_latitude_orders text[],
-                            p_longitudes float8[], p_longitude_orders text[]) RETURNS integer
+                            p_orders jsonb[], p_keys bytea[], p_latitudes float8[],
+                            p_latitude_orders text[], p_longitudes float8[],
+                            p_longitude_orders text[]) RETURNS integer
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     changed integer := 0;
     n integer;
 BEGIN
-    -- the first pass merges into the states that have their parameters' orders (all of them,
-    -- usually); the second one, if needed, after making the missing ones
+    -- the first pass merges into the states that are kept in merge mode (all of them, usually);
+    -- the second one, if needed, after making the missing ones
     FOR pass IN 1..2 LOOP
         IF pass = 2 THEN
             INSERT INTO device_latest (stream, ident, message_hash, partition_ts, payload,
@@ -132,10 +151,10 @@ BEGIN
             SELECT p_stream, i.ident, '\x', '-infinity', '{}', '{}'
             FROM unnest(p_idents) AS i(ident)
             ON CONFLICT (stream, ident) DO NOTHING;
-            -- a state kept in latest mode (or frozen) gets its parameters' orders
+            -- a state kept in latest mode (or frozen): every parameter from its latest message
             UPDATE device_latest AS s
             SET payload = b.payload, latitude = b.latitude, longitude = b.longitude,
-                parameter_orders = state_orders(b.payload, b.o),
+                parameter_orders = '{}',
                 latitude_order = CASE WHEN b.latitude IS NOT NULL THEN b.o END,
                 longitude_order = CASE WHEN b.longitude IS NOT NULL THEN b.o END
             FROM (SELECT d.stream, d.ident, state_order(d.ts, d.message_hash) AS o,
@@ -154,23 +173,26 @@ BEGIN
         END IF;
 
         UPDATE device_latest AS s
-        SET ts = CASE WHEN is_later(i.ts, i.message_hash, s.ts, s.message_hash)
-                      THEN i.ts ELSE s.ts END,
-            message_hash = CASE WHEN is_later(i.ts, i.message_hash, s.ts, s.message_hash)
+        SET ts = CASE WHEN i.newest > state_order(s.ts, s.message_hash) THEN i.ts ELSE s.ts END,
+            message_hash = CASE WHEN i.newest > state_order(s.ts, s.message_hash)
                                 THEN i.message_hash ELSE s.message_hash END,
-            partition_ts = CASE WHEN is_later(i.ts, i.message_hash, s.ts, s.message_hash)
+            partition_ts = CASE WHEN i.newest > state_order(s.ts, s.message_hash)
                                 THEN i.partition_ts ELSE s.partition_ts END,
-            message_id = CASE WHEN is_later(i.ts, i.message_hash, s.ts, s.message_hash)
+            message_id = CASE WHEN i.newest > state_order(s.ts, s.message_hash)
                               THEN NULL ELSE s.message_id END,
-            received_at = CASE WHEN is_later(i.ts, i.message_hash, s.ts, s.message_hash)
+            received_at = CASE WHEN i.newest > state_order(s.ts, s.message_hash)
                                THEN NULL ELSE s.received_at END,
-            payload = CASE WHEN i.oldest > state_order(s.ts, s.message_hash)
-                           THEN s.payload || i.payload
-                           ELSE merge_parameters(s.payload, s.parameter_orders, i.payload,
-                                                 i.orders) END,
-            parameter_orders = CASE WHEN i.oldest > state_order(s.ts, s.message_hash)
-                                    THEN s.parameter_orders || i.orders
-                                    ELSE merge_orders(s.parameter_orders, i.orders) END,
+            (payload, parameter_orders, parameter_keys) = (
+                SELECT CASE WHEN fast THEN i.payload ELSE merged -> 'payload' END,
+                       CASE WHEN fast THEN i.orders ELSE merged -> 'orders' END,
+                       CASE WHEN fast OR i.keys = s.parameter_keys THEN i.keys
+                            ELSE parameter_keys(merged -> 'payload') END
+                FROM (SELECT i.oldest > state_order(s.ts, s.message_hash)
+                             AND coalesce(i.keys = s.parameter_keys, false) AS fast) AS f,
+                LATERAL (SELECT CASE WHEN NOT fast THEN
+                             merge_parameters(s.payload, s.parameter_orders,
+                                              state_order(s.ts, s.message_hash),
+                                              i.payload, i.orders, i.newest) END AS merged) AS g),
             latitude = CASE WHEN i.latitude_order > coalesce(s.latitude_order, '')
                             THEN i.latitude ELSE s.latitude END,
             latitude_order = greatest(i.latitude_order, s.latitude_order),
@@ -178,19 +200,24 @@ BEGIN
                              THEN i.longitude ELSE s.longitude END,
             longitude_order = greatest(i.longitude_order, s.longitude_order),
             updated_at = now()
-        FROM (SELECT u.*, coalesce(u.given_partition_ts, u.ts) AS partition_ts
+        FROM (SELECT u.*, coalesce(u.given_partition_ts, u.ts) AS partition_ts,
+                     state_order(u.ts, u.message_hash) AS newest
               FROM unnest(p_idents, p_ts, p_hashes, p_partition_ts, p_oldest, p_payloads,
-                          p_orders, p_latitudes, p_latitude_orders, p_longitudes,
+                          p_orders, p_keys, p_latitudes, p_latitude_orders, p_longitudes,
                           p_longitude_orders)
                    AS u(ident, ts, message_hash, given_partition_ts, oldest, payload, orders,
-                        latitude, latitude_order, longitude, longitude_order)) AS i
+                        keys, latitude, latitude_order, longitude, longitude_order)) AS i
         WHERE s.stream = p_stream AND s.ident = i.ident AND s.parameter_orders IS NOT NULL
           -- only when something changes: a message sent again changes nothing
           AND (i.oldest > state_order(s.ts, s.message_hash)
                OR i.latitude_order > coalesce(s.latitude_order, '')
                OR i.longitude_order > coalesce(s.longitude_order, '')
-               OR EXISTS (SELECT FROM jsonb_each(i.orders) AS n
-                          WHERE n.value #>> '{}' > coalesce(s.parameter_orders ->> n.key, '')));
+               OR EXISTS (SELECT FROM jsonb_object_keys(i.payload) AS k(key)
+                          WHERE coalesce(i.orders ->> k.key, i.newest)
+                                > CASE WHEN s.payload ? k.key
+                                       THEN coalesce(s.parameter_orders ->> k.key,
+                                                     state_order(s.ts, s.message_hash))
+                                       ELSE '' END));
         GET DIAGNOSTICS n = ROW_COUNT;
         changed := changed + n;
         EXIT WHEN changed = cardinality(p_idents);
@@ -214,7 +241,9 @@ BEGIN
                             ARRAY[NEW.partition_ts], ARRAY[o],
                             ARRAY[CASE WHEN jsonb_typeof(NEW.payload) = 'object'
                                        THEN NEW.payload ELSE '{}' END],
-                            ARRAY[state_orders(NEW.payload, o)],
+                            ARRAY['{}'::jsonb],
+                            ARRAY[parameter_keys(CASE WHEN jsonb_typeof(NEW.payload) = 'object'
+                                                      THEN NEW.payload ELSE '{}' END)],
                             ARRAY[NEW.latitude],
                             ARRAY[CASE WHEN NEW.latitude IS NOT NULL THEN o END],
                             ARRAY[NEW.longitude],
@@ -228,16 +257,16 @@ END
 $$;
 
 -- The existing state, kept as it is: a row that differs from the message it points at (merge
--- mode) keeps its own values, with every parameter at the order of that message.
+-- mode) keeps its own values, every parameter at the order of that message.
 INSERT INTO device_latest (stream, ident, ts, message_hash, partition_ts, updated_at, payload,
                            latitude, longitude, message_id, received_at, parameter_orders,
-                           latitude_order, longitude_order)
+                           parameter_keys, latitude_order, longitude_order)
 SELECT s.stream, s.ident, s.ts, s.message_hash,
        coalesce(m.partition_ts, s.ts, '2000-01-01 00:00:00+00'), s.updated_at,
        CASE WHEN own THEN s.payload END, CASE WHEN own THEN s.latitude END,
        CASE WHEN own THEN s.longitude END,
        CASE WHEN m.id IS NULL THEN s.message_id END, CASE WHEN m.id IS NULL THEN s.received_at END,
-       CASE WHEN merged THEN state_orders(s.payload, state_order(s.ts, s.message_hash)) END,
+       CASE WHEN merged THEN '{}'::jsonb END, CASE WHEN merged THEN parameter_keys(s.payload) END,
        CASE WHEN merged AND s.latitude IS NOT NULL THEN state_order(s.ts, s.message_hash) END,
        CASE WHEN merged AND s.longitude IS NOT NULL THEN state_order(s.ts, s.message_hash) END
 FROM device_state AS s
