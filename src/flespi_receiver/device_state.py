@@ -53,8 +53,11 @@ SELECT d.stream, d.ident,
        coalesce(d.message_id, m.id) AS message_id,
        d.ts,
        coalesce(d.received_at, m.received_at) AS received_at,
-       CASE WHEN d.payload IS NULL THEN m.latitude ELSE d.latitude END AS latitude,
-       CASE WHEN d.payload IS NULL THEN m.longitude ELSE d.longitude END AS longitude,
+       -- merge mode keeps the latest known position itself
+       CASE WHEN d.payload IS NULL AND d.parameter_orders IS NULL THEN m.latitude
+            ELSE d.latitude END AS latitude,
+       CASE WHEN d.payload IS NULL AND d.parameter_orders IS NULL THEN m.longitude
+            ELSE d.longitude END AS longitude,
        coalesce(d.payload, m.payload) AS payload,
        d.message_hash, d.updated_at
 FROM device_latest AS d
@@ -67,8 +70,10 @@ LEFT JOIN messages AS m
 KEEP_STATE_OF_DROPPED = """
 UPDATE device_latest AS d
 SET payload = coalesce(d.payload, m.payload),
-    latitude = CASE WHEN d.payload IS NULL THEN m.latitude ELSE d.latitude END,
-    longitude = CASE WHEN d.payload IS NULL THEN m.longitude ELSE d.longitude END,
+    latitude = CASE WHEN d.payload IS NULL AND d.parameter_orders IS NULL THEN m.latitude
+                    ELSE d.latitude END,
+    longitude = CASE WHEN d.payload IS NULL AND d.parameter_orders IS NULL THEN m.longitude
+                     ELSE d.longitude END,
     message_id = m.id, received_at = m.received_at
 FROM {partition} AS m
 WHERE d.message_id IS NULL
@@ -85,7 +90,8 @@ def small_batch_statement(
     parts = ["count(*)", "min(id)", "max(id)"]
     args: list[Any] = []
     if effects.device_state and (fold.latest or fold.every):
-        arrays = fold.merged_arguments() if effects.merge else fold.latest_arguments()
+        # the rows are inserted by the same statement: the state can't read them
+        arrays = fold.merged_arguments(True) if effects.merge else fold.latest_arguments()
         numbers = range(first_parameter, first_parameter + len(arrays))
         template = KEEP_MERGED if effects.merge else KEEP_LATEST
         parts.append(f"CASE WHEN count(*) > 0 THEN {template.format(*numbers)} END")
@@ -190,11 +196,12 @@ class DeviceFold:
             [None if row[1] == row[3] else as_datetime(row[3]) for row in rows],
         ]
 
-    def merged_arguments(self) -> list[list[Any]]:
+    def merged_arguments(self, with_payloads: bool = False) -> list[list[Any]]:
         """keep_merged()'s arrays: per device its latest message, the earliest order among its
         parameters, the last value of every parameter with its order where it is not the latest
         message's, the digest of the parameters' keys, the last latitude and longitude with
-        their orders."""
+        their orders. Unless `with_payloads`, the values are NULL where they are the latest
+        message's own (most often): PostgreSQL reads them from that stored message if needed."""
         arrays: list[list[Any]] = [[] for _ in range(13)]
         for ident in sorted(self.every):
             entries = self.every[ident]
@@ -226,7 +233,7 @@ class DeviceFold:
                 newest,
                 None if ts == partition_ts else as_datetime(partition_ts),
                 min(orders.values(), default=latest),
-                orjson.dumps(values).decode(),
+                orjson.dumps(values).decode() if orders or with_payloads else None,
                 orjson.dumps(orders).decode(),
                 parameter_keys(tuple(values)),
                 latitude,

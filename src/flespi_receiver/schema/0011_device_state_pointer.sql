@@ -126,7 +126,8 @@ $$;
 -- Merge mode: the same pointer, and every parameter (and the position) keeps the value of the
 -- latest message that had it, whatever order the messages came in (p_partition_ts as in
 -- keep_latest). Per device: the batch's latest message, the earliest order among the batch's
--- parameters (p_oldest), the batch folded (p_payloads: every parameter's last value;
+-- parameters (p_oldest), the batch folded (p_payloads: every parameter's last value, NULL
+-- when that is the latest message's payload, which is then read if needed;
 -- p_orders: the orders that differ from the batch's latest message's; p_keys:
 -- parameter_keys() of p_payloads) and the last position with its orders. When the whole batch
 -- is later than the state and has the same parameters, which is the usual case, the batch's
@@ -183,16 +184,23 @@ BEGIN
             received_at = CASE WHEN i.newest > state_order(s.ts, s.message_hash)
                                THEN NULL ELSE s.received_at END,
             (payload, parameter_orders, parameter_keys) = (
-                SELECT CASE WHEN fast THEN i.payload ELSE merged -> 'payload' END,
+                -- NULL: the merged payload is the latest message's own, shown from messages
+                SELECT CASE WHEN fast AND i.orders = '{}' THEN NULL
+                            WHEN fast THEN i.payload ELSE merged -> 'payload' END,
                        CASE WHEN fast THEN i.orders ELSE merged -> 'orders' END,
                        CASE WHEN fast OR i.keys = s.parameter_keys THEN i.keys
                             ELSE parameter_keys(merged -> 'payload') END
                 FROM (SELECT i.oldest > state_order(s.ts, s.message_hash)
                              AND coalesce(i.keys = s.parameter_keys, false) AS fast) AS f,
                 LATERAL (SELECT CASE WHEN NOT fast THEN
-                             merge_parameters(s.payload, s.parameter_orders,
-                                              state_order(s.ts, s.message_hash),
-                                              i.payload, i.orders, i.newest) END AS merged) AS g),
+                             merge_parameters(
+                                 coalesce(s.payload,
+                                          (SELECT m.payload FROM messages AS m
+                                           WHERE m.stream = s.stream
+                                             AND m.partition_ts = s.partition_ts
+                                             AND m.message_hash = s.message_hash), '{}'),
+                                 s.parameter_orders, state_order(s.ts, s.message_hash),
+                                 i.payload, i.orders, i.newest) END AS merged) AS g),
             latitude = CASE WHEN i.latitude_order > coalesce(s.latitude_order, '')
                             THEN i.latitude ELSE s.latitude END,
             latitude_order = greatest(i.latitude_order, s.latitude_order),
@@ -200,8 +208,16 @@ BEGIN
                              THEN i.longitude ELSE s.longitude END,
             longitude_order = greatest(i.longitude_order, s.longitude_order),
             updated_at = now()
-        FROM (SELECT u.*, coalesce(u.given_partition_ts, u.ts) AS partition_ts,
-                     state_order(u.ts, u.message_hash) AS newest
+        FROM (SELECT u.ident, u.ts, u.message_hash, u.oldest, u.orders, u.keys, u.latitude,
+                     u.latitude_order, u.longitude, u.longitude_order,
+                     coalesce(u.given_partition_ts, u.ts) AS partition_ts,
+                     state_order(u.ts, u.message_hash) AS newest,
+                     -- NULL: the batch's latest message's own, stored by now
+                     coalesce(u.payload,
+                              (SELECT m.payload FROM messages AS m
+                               WHERE m.stream = p_stream
+                                 AND m.partition_ts = coalesce(u.given_partition_ts, u.ts)
+                                 AND m.message_hash = u.message_hash)) AS payload
               FROM unnest(p_idents, p_ts, p_hashes, p_partition_ts, p_oldest, p_payloads,
                           p_orders, p_keys, p_latitudes, p_latitude_orders, p_longitudes,
                           p_longitude_orders)
@@ -212,12 +228,27 @@ BEGIN
           AND (i.oldest > state_order(s.ts, s.message_hash)
                OR i.latitude_order > coalesce(s.latitude_order, '')
                OR i.longitude_order > coalesce(s.longitude_order, '')
-               OR EXISTS (SELECT FROM jsonb_object_keys(i.payload) AS k(key)
+               OR EXISTS (SELECT
+                          FROM (SELECT coalesce(s.payload,
+                                                (SELECT m.payload FROM messages AS m
+                                                 WHERE m.stream = s.stream
+                                                   AND m.partition_ts = s.partition_ts
+                                                   AND m.message_hash = s.message_hash))
+                                           AS payload) AS state,
+                               jsonb_object_keys(i.payload) AS k(key)
                           WHERE coalesce(i.orders ->> k.key, i.newest)
-                                > CASE WHEN s.payload ? k.key
+                                > CASE WHEN state.payload ? k.key
                                        THEN coalesce(s.parameter_orders ->> k.key,
                                                      state_order(s.ts, s.message_hash))
-                                       ELSE '' END));
+                                       ELSE '' END))
+          -- a state whose payload is its latest message's, which another receiver stored
+          -- after this statement began, is merged by the next pass, which sees that message
+          AND (pass = 2 OR s.payload IS NOT NULL
+               OR (i.oldest > state_order(s.ts, s.message_hash)
+                   AND coalesce(i.keys = s.parameter_keys, false))
+               OR EXISTS (SELECT FROM messages AS m
+                          WHERE m.stream = s.stream AND m.partition_ts = s.partition_ts
+                            AND m.message_hash = s.message_hash));
         GET DIAGNOSTICS n = ROW_COUNT;
         changed := changed + n;
         EXIT WHEN changed = cardinality(p_idents);
@@ -287,8 +318,11 @@ SELECT d.stream, d.ident,
        coalesce(d.message_id, m.id) AS message_id,
        d.ts,
        coalesce(d.received_at, m.received_at) AS received_at,
-       CASE WHEN d.payload IS NULL THEN m.latitude ELSE d.latitude END AS latitude,
-       CASE WHEN d.payload IS NULL THEN m.longitude ELSE d.longitude END AS longitude,
+       -- merge mode keeps the latest known position itself
+       CASE WHEN d.payload IS NULL AND d.parameter_orders IS NULL THEN m.latitude
+            ELSE d.latitude END AS latitude,
+       CASE WHEN d.payload IS NULL AND d.parameter_orders IS NULL THEN m.longitude
+            ELSE d.longitude END AS longitude,
        coalesce(d.payload, m.payload) AS payload,
        d.message_hash, d.updated_at
 FROM device_latest AS d
