@@ -84,9 +84,11 @@ async def prepare_database(admin_url: str) -> str:
 
 
 async def reset_tables(conn: asyncpg.Connection) -> None:
+    """Every round starts from empty tables, device state included: the same messages are sent
+    again, and a state left from the last round would find every batch already older."""
     await conn.execute(
         f"TRUNCATE {SCHEMA}.messages, {SCHEMA}.copy_reference, {SCHEMA}.naive_reference, "
-        f"{SCHEMA}.rejected_messages"
+        f"{SCHEMA}.rejected_messages, {SCHEMA}.device_latest"
     )
     await conn.execute("CHECKPOINT")
 
