@@ -122,6 +122,13 @@ async def test_a_stream_switched_to_content_has_its_rows_rekeyed_in_chunks(
     rows = await db.fetch("SELECT id, payload::text FROM messages WHERE stream = 'main'")
     assert len(rows) == 10  # the later copy of message 3 is gone
     assert {r["id"] for r in rows} == set(range(1, 11))
+    # device_state follows its messages to their new keys: every device still shows its latest
+    states = await db.fetch(
+        "SELECT s.payload, m.id FROM device_state s LEFT JOIN messages m ON m.stream = s.stream "
+        "AND m.message_hash = s.message_hash WHERE s.stream = 'main'"
+    )
+    assert len(states) == len({m["ident"] for m in map(orjson.loads, old)})
+    assert all(r["payload"] is not None and r["id"] is not None for r in states)
     for row in await db.fetch("SELECT stream, payload::text, message_hash FROM messages"):
         if row["stream"] == "main":
             assert row["message_hash"] == canonical_identity(orjson.loads(row["payload"]))

@@ -59,6 +59,13 @@ UPDATE messages AS m SET message_hash = k.message_hash
 FROM unnest($2::bigint[], $3::bytea[]) AS k(id, message_hash)
 WHERE m.stream = $1 AND m.id = k.id
 """
+# device_latest points at messages by their key: it follows them to their new identity (a
+# pointer at a copy that is removed lands on the copy that is kept, which takes the same key)
+REPOINT_STATE = """
+UPDATE device_latest AS d SET message_hash = k.message_hash
+FROM unnest($2::timestamptz[], $3::bytea[], $4::bytea[]) AS k(partition_ts, old_hash, message_hash)
+WHERE d.stream = $1 AND d.partition_ts = k.partition_ts AND d.message_hash = k.old_hash
+"""
 ADVANCE = "UPDATE stream_identity SET next_id = $2 WHERE stream = $1"
 FINISH = "UPDATE stream_identity SET next_id = NULL, finished_at = now() WHERE stream = $1"
 PENDING = "SELECT stream FROM stream_identity WHERE finished_at IS NULL ORDER BY stream"
@@ -166,4 +173,7 @@ async def _rekey_chunk(conn: Connection, stream: str, rows: list[asyncpg.Record]
     update = [(row_id, identity) for row_id, _, identity in changed if row_id not in delete]
     if update:
         await conn.execute(SET_IDENTITY, stream, *[list(c) for c in zip(*update, strict=True)])
+    old_hashes = {row["id"]: row["message_hash"] for row in rows}
+    pointers = [(ts, old_hashes[row_id], identity) for row_id, ts, identity in changed]
+    await conn.execute(REPOINT_STATE, stream, *[list(c) for c in zip(*pointers, strict=True)])
     return len(changed)
