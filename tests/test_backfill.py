@@ -91,6 +91,10 @@ async def test_backfill_and_stream_store_every_message_once(
     assert (summary.fetched, summary.stored, summary.duplicates) == (200, 100, 100)
     assert await count(db) == 300
     assert await db.fetchval("SELECT count(DISTINCT payload) FROM messages") == 300
+    # device_state follows what the backfill stored: each device's latest message
+    states = await db.fetch("SELECT ident, ts, payload IS NOT NULL AS shown FROM device_state")
+    latest = await db.fetch("SELECT ident, max(ts) AS ts, true AS shown FROM messages GROUP BY 1")
+    assert {tuple(r) for r in states} == {tuple(r) for r in latest}
     # pages: from moves to the last timestamp of the page before, to stays, both inclusive
     first = [r for r in rest.requests if r["device"] == DEVICES[0]]
     assert first[0]["from"] == EVERYTHING[0].timestamp()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from flespi_receiver.device_state import AS_RECEIVER, session_effects
 from flespi_receiver.errors import ConfigError
 from flespi_receiver.fields import MessageFields, names_in
 from flespi_receiver.flespi_api import FlespiApi
@@ -238,8 +239,11 @@ async def _store_page(
     try:
         if not dry_run:
             await conn.fetchrow(LOCK_DEVICE, *key)
+        # the page keeps device_state and sends its NOTIFY itself, as the session says
+        await conn.execute(AS_RECEIVER)
+        effects = await session_effects(conn)
         refused: list[Rejected] = []
-        stored = await store_decoded(conn, stream, messages, refused) if messages else 0
+        stored = await store_decoded(conn, stream, messages, refused, effects) if messages else 0
         kept = rejected + refused
         if kept:
             await store_rejected(conn, stream, kept)

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import orjson
+from asyncpg.pool import PoolConnectionProxy
 
 from flespi_receiver.config import DatabaseSettings
 from flespi_receiver.fields import POSTGRES_EPOCH, as_datetime, postgres_usecs
@@ -142,6 +144,22 @@ class BatchEffects:
 
 # the default configuration's
 DEFAULT_EFFECTS = BatchEffects()
+
+# What the session asks of stored messages, as the receiver's connections say it (app.py)
+SESSION_EFFECTS = """
+SELECT coalesce(current_setting('flespi_receiver.device_state', true), 'on') = 'on',
+       coalesce(current_setting('flespi_receiver.device_state_merge', true), 'off') = 'on',
+       coalesce(current_setting('flespi_receiver.notify_channel', true), '')
+"""
+# in a transaction that keeps device_state itself: the row trigger for others skips its rows
+AS_RECEIVER = "SELECT set_config('flespi_receiver.writer', 'receiver', true)"
+
+
+async def session_effects(conn: asyncpg.Connection | PoolConnectionProxy) -> BatchEffects:
+    """The effects the connection's session settings ask for (replay and backfill store with
+    the receiver's settings, app.connection_settings)."""
+    row = await conn.fetchrow(SESSION_EFFECTS)
+    return BatchEffects(*row) if row is not None else DEFAULT_EFFECTS
 
 
 # a message's place in "latest" order: no time is older than any time, ties by identity

@@ -16,7 +16,7 @@ from datetime import datetime
 
 import asyncpg
 
-from flespi_receiver.device_state import BatchEffects
+from flespi_receiver.device_state import AS_RECEIVER, BatchEffects, session_effects
 from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.messages import DecodedBatch, Message, Rejected, decode_batch
 from flespi_receiver.store import Connection, store_decoded, store_rejected
@@ -55,14 +55,6 @@ TOP_REASONS = 20
 # distinct reasons counted one by one; the others together
 KEPT_REASONS = 1000
 OTHER_REASONS = "(other reasons)"
-# What the session asks of stored messages, as the receiver's connections say it (app.py)
-SESSION_EFFECTS = """
-SELECT coalesce(current_setting('flespi_receiver.device_state', true), 'on') = 'on',
-       coalesce(current_setting('flespi_receiver.device_state_merge', true), 'off') = 'on',
-       coalesce(current_setting('flespi_receiver.notify_channel', true), '')
-"""
-# the chunk keeps device_state itself, like the receiver: the row trigger for others skips it
-AS_RECEIVER = "SELECT set_config('flespi_receiver.writer', 'receiver', true)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,14 +141,13 @@ async def replay_rejected(
     they are (counted in `not_configured`)."""
     summary = ReplaySummary(dry_run=dry_run)
     summary.selected = await count_selected(conn, selection)
-    device_state, merge, channel = await conn.fetchrow(SESSION_EFFECTS) or (True, False, "")
-    effects = BatchEffects(device_state, merge, channel)
+    effects = await session_effects(conn)
     after: tuple[str, int] = ("", 0)
     while True:
         transaction = conn.transaction()
         await transaction.start()
         try:
-            await conn.execute(AS_RECEIVER)
+            await conn.execute(AS_RECEIVER)  # the chunk keeps device_state itself
             rows = await conn.fetch(LOCK_CHUNK, *selection.parameters(), *after, chunk_rows)
             if rows:
                 await _replay_chunk(conn, rows, summary, fields or {}, effects)
