@@ -470,8 +470,8 @@ async def store_decoded(
     the stream's identity, derived columns, quarantine and derived state."""
     before = len(rejected)
     stored = await _store_messages(conn, stream, messages, rejected)
-    refused = {identity_of(item.raw) for item in rejected[before:]}
-    kept = (m for m in messages if m.identity not in refused)
+    refused = {item.raw for item in rejected[before:]}
+    kept = (m for m in messages if m.raw not in refused)
     await _finish(conn, stream, effects, _fold(kept, effects), stored)
     return stored.count if stored else 0
 
