@@ -21,7 +21,12 @@ from flespi_receiver.fields import MessageFields, names_in
 from flespi_receiver.flespi_api import FlespiApi
 from flespi_receiver.messages import Message, Rejected, decode_batch
 from flespi_receiver.migrate import pending_migrations
-from flespi_receiver.store import Connection, store_decoded, store_rejected
+from flespi_receiver.store import (
+    Connection,
+    chunk_transaction,
+    store_decoded,
+    store_rejected,
+)
 
 PAGE_SIZE = 1000
 STREAM_IDENTITY = "SELECT identity, finished_at FROM stream_identity WHERE stream = $1"
@@ -234,9 +239,7 @@ async def _store_page(
     dry_run: bool,
 ) -> tuple[int, int]:
     """One page and the position it reaches, in one transaction; (stored, rejected)."""
-    transaction = conn.transaction()
-    await transaction.start()
-    try:
+    async with chunk_transaction(conn, dry_run=dry_run):
         if not dry_run:
             await conn.fetchrow(LOCK_DEVICE, *key)
         # the page keeps device_state and sends its NOTIFY itself, as the session says
@@ -250,11 +253,4 @@ async def _store_page(
         if not dry_run:
             fetched = len(messages) + len(rejected)
             await conn.execute(ADVANCE_DEVICE, *key, reached, done, fetched, stored, len(kept))
-    except BaseException:
-        await transaction.rollback()
-        raise
-    if dry_run:
-        await transaction.rollback()
-    else:
-        await transaction.commit()
     return stored, len(kept)

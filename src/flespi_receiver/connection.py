@@ -182,11 +182,7 @@ class GuardedRequestHandler(RequestHandler):
             self._arm_header_timer()
 
     def _refuse_large_headers(self) -> None:
-        self._refuse(
-            431,
-            "Request Header Fields Too Large",
-            f"request headers are larger than {self._header_limits.max_size} bytes",
-        )
+        self._refuse(431, "Request Header Fields Too Large", self._too_large_reason())
 
     def handle_error(
         self,
@@ -206,6 +202,13 @@ class GuardedRequestHandler(RequestHandler):
             status = 431  # a header line past max_header_size (or 8190), or over 100 lines
         kind = type(exc).__name__ if exc is not None else HTTPStatus(status).phrase
         reason = f"malformed HTTP request ({kind})" if status == 400 else kind
+        return self._closing_reply(status, reason)
+
+    async def _headers_too_large(self, request: BaseRequest) -> web.StreamResponse:
+        return self._closing_reply(431, self._too_large_reason())
+
+    def _closing_reply(self, status: int, reason: str) -> web.Response:
+        """A JSON reply made here, counted and logged, after which the connection closes."""
         rid = self._record(status, reason)
         response = web.Response(
             status=status,
@@ -216,17 +219,8 @@ class GuardedRequestHandler(RequestHandler):
         response.force_close()
         return response
 
-    async def _headers_too_large(self, request: BaseRequest) -> web.StreamResponse:
-        reason = f"request headers are larger than {self._header_limits.max_size} bytes"
-        rid = self._record(431, reason)
-        response = web.Response(
-            status=431,
-            body=orjson.dumps({"error": reason}),
-            content_type="application/json",
-            headers={"Server": SERVER_NAME, "Connection": "close", "X-Request-Id": rid},
-        )
-        response.force_close()
-        return response
+    def _too_large_reason(self) -> str:
+        return f"request headers are larger than {self._header_limits.max_size} bytes"
 
     def _record(self, status: int, reason: str) -> str:
         """One `batch` line and one count for a reply made here; returns its request id."""

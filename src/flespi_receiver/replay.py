@@ -19,7 +19,7 @@ import asyncpg
 from flespi_receiver.device_state import AS_RECEIVER, BatchEffects, session_effects
 from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.messages import DecodedBatch, Message, Rejected, decode_batch
-from flespi_receiver.store import Connection, store_decoded, store_rejected
+from flespi_receiver.store import Connection, chunk_transaction, store_decoded, store_rejected
 
 # The rows a replay selects; $1..$4 are optional filters (NULL: any), $5/$6 the key of the last
 # row seen. The primary key (stream, id) serves both the order and the next chunk.
@@ -144,20 +144,11 @@ async def replay_rejected(
     effects = await session_effects(conn)
     after: tuple[str, int] = ("", 0)
     while True:
-        transaction = conn.transaction()
-        await transaction.start()
-        try:
+        async with chunk_transaction(conn, dry_run=dry_run):
             await conn.execute(AS_RECEIVER)  # the chunk keeps device_state itself
             rows = await conn.fetch(LOCK_CHUNK, *selection.parameters(), *after, chunk_rows)
             if rows:
                 await _replay_chunk(conn, rows, summary, fields or {}, effects)
-        except BaseException:
-            await transaction.rollback()
-            raise
-        if dry_run:
-            await transaction.rollback()
-        else:
-            await transaction.commit()
         if not rows:
             return summary
         after = (rows[-1]["stream"], rows[-1]["id"])

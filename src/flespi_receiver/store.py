@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -480,3 +481,19 @@ async def store_rejected(conn: Connection, stream: str, rejected: Iterable[Rejec
     """Keep content aside in rejected_messages, once per (stream, raw); in the caller's
     transaction."""
     await _store_rejected(conn, stream, rejected)
+
+
+@asynccontextmanager
+async def chunk_transaction(conn: Connection, *, dry_run: bool) -> AsyncIterator[None]:
+    """One chunk of replay or backfill: committed, or rolled back in a dry run or on error."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        yield
+    except BaseException:
+        await transaction.rollback()
+        raise
+    if dry_run:
+        await transaction.rollback()
+    else:
+        await transaction.commit()
