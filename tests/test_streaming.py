@@ -8,6 +8,7 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import asyncpg
 import orjson
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flespi_receiver import splitter as splitter_module
 from flespi_receiver.embedded import free_port
 from flespi_receiver.ingest import STREAMED_BODY
 from flespi_receiver.splitter import ElementSplitter, NotExact, split_elements
@@ -227,9 +229,10 @@ tricky_values = st.recursive(
     cut=st.integers(min_value=0, max_value=200),
     pieces=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=8),
     damage=st.sampled_from([b"", b"]", b"x", b" ", b","]),
+    piece=st.sampled_from([1, 7, splitter_module.PIECE]),
 )
 def test_splitting_as_the_body_arrives_finds_the_same_elements(
-    elements: list[object], cut: int, pieces: list[int], damage: bytes
+    elements: list[object], cut: int, pieces: list[int], damage: bytes, piece: int
 ) -> None:
     body = orjson.dumps(elements)
     # sometimes damaged somewhere: then both must refuse it, or both agree on the elements
@@ -238,7 +241,11 @@ def test_splitting_as_the_body_arrives_finds_the_same_elements(
         body = body[:at] + damage + body[at:]
     whole = split_elements(body)
     splitter = ElementSplitter()
+    # pieces of a few bytes: cut (and decoded in place) between almost every two elements
+    size_of_pieces = {"PIECE": piece, "FIRST_PIECE": min(piece, splitter_module.FIRST_PIECE)}
     found: list[bytes] | None = []
+    patched = patch.multiple(splitter_module, **size_of_pieces)
+    patched.start()
     try:
         start, turn = 0, 0
         while start < len(body):
@@ -248,4 +255,6 @@ def test_splitting_as_the_body_arrives_finds_the_same_elements(
         found += [bytes(e) for e in splitter.finish()]
     except NotExact:
         found = None
+    finally:
+        patched.stop()
     assert found == (None if whole is None else [bytes(e) for e in whole])

@@ -149,7 +149,9 @@ class BodyReader:
         """The whole body, chunks read before included."""
         while await self._next() is not None:
             pass
-        return b"".join(self._chunks)
+        body = b"".join(self._chunks)
+        self._chunks = [body]  # held once, not twice, while the body is worked on
+        return body
 
     async def _next(self) -> bytes | None:
         while True:

@@ -23,6 +23,8 @@ CHUNK_SIZE = 64 * 1024
 FIRST_CHUNK_SIZE = 8 * 1024
 
 _FIELD_COUNT = struct.pack(">h", 11)
+REJECTED_COLUMNS = ("stream", "raw", "reason", "raw_hash")
+_REJECTED_FIELD_COUNT = struct.pack(">h", len(REJECTED_COLUMNS))
 _NULL = struct.pack(">i", -1)
 _LENGTH = struct.Struct(">i")
 _INT8 = struct.Struct(">iq")
@@ -55,6 +57,12 @@ def _float(value: float | None) -> bytes:
 def encode_row(stream_field: bytes, message: Message) -> bytes:
     """One row, in the order of MESSAGE_COLUMNS: stream, derived columns, payload, identity,
     partition time."""
+    before, after = _around_payload(stream_field, message)
+    return b"".join((before, message.raw, after))
+
+
+def _around_payload(stream_field: bytes, message: Message) -> tuple[bytes, bytes]:
+    """A row's bytes before and after its payload's text."""
     ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts = message.columns
     if None in (ts, server_ts, channel_id, device_id, latitude, longitude):
         fixed = b"".join(
@@ -83,20 +91,17 @@ def encode_row(stream_field: bytes, message: Message) -> bytes:
             8,
             longitude,
         )
-    raw = message.raw
-    return b"".join(
+    before = b"".join(
         (
             _FIELD_COUNT,
             stream_field,
             _text(ident),
             fixed,
-            _JSONB_HEADER.pack(len(raw) + 1, 1),
-            raw,
-            _HASH_LENGTH,
-            message.identity,
-            _INT8.pack(8, postgres_usecs(partition_ts)),
+            _JSONB_HEADER.pack(len(message.raw) + 1, 1),
         )
     )
+    after = b"".join((_HASH_LENGTH, message.identity, _INT8.pack(8, postgres_usecs(partition_ts))))
+    return before, after
 
 
 def stream_field(stream: str) -> bytes:
@@ -106,16 +111,26 @@ def stream_field(stream: str) -> bytes:
 
 def row_chunks(
     stream_field: bytes, messages: Iterable[Message], fold: DeviceFold | None = None
-) -> Iterator[bytes]:
+) -> Iterator[bytes | memoryview]:
     """Rows for `messages` (no header or trailer), in chunks of about CHUNK_SIZE bytes; the
-    first is smaller, so that PostgreSQL starts on the first rows at once."""
+    first is smaller, so that PostgreSQL starts on the first rows at once. A payload larger
+    than a chunk is sent in slices of itself, never copied into a row."""
     parts: list[bytes] = []
     size = 0
     limit = FIRST_CHUNK_SIZE
     for message in messages:
-        row = encode_row(stream_field, message)
         if fold is not None:
             fold.add(message, message.columns, message.identity)
+        if len(message.raw) > CHUNK_SIZE:
+            before, after = _around_payload(stream_field, message)
+            parts.append(before)
+            yield b"".join(parts)
+            text = memoryview(message.raw)
+            for start in range(0, len(text), CHUNK_SIZE):
+                yield text[start : start + CHUNK_SIZE]
+            parts, size, limit = [after], len(after), CHUNK_SIZE
+            continue
+        row = encode_row(stream_field, message)
         parts.append(row)
         size += len(row)
         if size >= limit:
@@ -125,9 +140,21 @@ def row_chunks(
         yield b"".join(parts)
 
 
+def rejected_chunks(
+    stream: str, raw: bytes, reason: str, identity: bytes
+) -> Iterator[bytes | memoryview]:
+    """The COPY data of one row of rejected_messages (REJECTED_COLUMNS), the content in slices
+    of itself: a large refused body is sent on, never copied whole."""
+    yield HEADER + _REJECTED_FIELD_COUNT + stream_field(stream) + _LENGTH.pack(len(raw))
+    text = memoryview(raw)
+    for start in range(0, len(text), CHUNK_SIZE):
+        yield text[start : start + CHUNK_SIZE]
+    yield b"".join((_text(reason), _HASH_LENGTH, identity, TRAILER))
+
+
 def copy_chunks(
     stream: str, messages: Iterable[Message], fold: DeviceFold | None = None
-) -> Iterator[bytes]:
+) -> Iterator[bytes | memoryview]:
     """The whole COPY data for `messages`: header, rows in chunks, trailer."""
     yield HEADER
     yield from row_chunks(stream_field(stream), messages, fold)

@@ -154,6 +154,11 @@ class MessageFields:
         self._validator: TypeAdapter[dict[str, Any]] = TypeAdapter(
             with_config(ConfigDict(extra="ignore"))(known)
         )
+        # the keys a large element is read for (large_element.py); a stream keyed by content
+        # needs each message parsed whole
+        self.large_names: tuple[str, ...] | None = (
+            None if content_identity else tuple(names.values())
+        )
         # set when a message had a time field; see store_batch
         self.time_seen = False
         self.warned_without_time = False

@@ -8,7 +8,7 @@ the others, and keeps the good messages and the rejected content apart.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +18,11 @@ import orjson
 from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.identity import message_identity, text_identity
 from flespi_receiver.json_scan import duplicate_key, key_count, split_array
+from flespi_receiver.large_element import LARGE_ELEMENT, MAX_DEPTH, TooDeep, judge_large
 from flespi_receiver.splitter import NotExact, split_elements, without_bom
 
 # a JSON string that PostgreSQL's jsonb refuses
 _NUL_ESCAPE = b"\\u0000"
-# the deepest nesting stored, the message object itself being level 1 (orjson's own limit)
-MAX_DEPTH = 1024
 # a body with more refused elements than this is kept whole, as one rejected row: a flood of
 # refused elements (10 M zeros gzip into 20 KB) then costs the body, not an object each
 MAX_REJECTED_ELEMENTS = 1000
@@ -95,7 +94,7 @@ def decode_batch(body: bytes, fields: MessageFields = DEFAULT_FIELDS) -> Decoded
 
 
 def exact_messages(
-    elements: Iterable[msgspec.Raw], fields: MessageFields = DEFAULT_FIELDS
+    elements: Iterable[msgspec.Raw | bytes], fields: MessageFields = DEFAULT_FIELDS
 ) -> Iterator[Message]:
     """Each element as a message, each judged on its own (see judge_element).
 
@@ -104,7 +103,7 @@ def exact_messages(
     """
     for element in elements:
         # comparing bytes to bytes is much faster than to a memoryview
-        verdict = judge_element(bytes(element))
+        verdict = judge_element(bytes(element), fields.large_names)
         if isinstance(verdict, Rejected):
             raise NotExact
         _derive_columns(verdict, fields)
@@ -120,8 +119,12 @@ def _derive_columns(message: Message, fields: MessageFields) -> None:
     message.data = {}
 
 
-def judge_element(raw: bytes) -> Message | Rejected:
+def judge_element(raw: bytes, known: Collection[str] | None = None) -> Message | Rejected:
     """One element of a batch as a message, or why it can't be one.
+
+    An element larger than LARGE_ELEMENT is judged without being parsed whole when `known`,
+    the names of the top-level keys its columns come from, is given (large_element.py): the
+    message's `data` then holds those keys only.
 
     orjson proves it valid JSON (no NaN, no number beyond a double, no lone surrogate, valid
     UTF-8, nesting up to MAX_DEPTH) and an object. Re-encoding it and comparing with the text
@@ -129,6 +132,13 @@ def judge_element(raw: bytes) -> Message | Rejected:
     escapes, other number spellings) has its keys counted instead, and only nesting too deep
     for that is read by the slower scanner. PostgreSQL refuses \\u0000, so that is refused too.
     """
+    if known is not None and len(raw) > LARGE_ELEMENT:
+        try:
+            verdict = judge_large(raw, known)
+        except TooDeep:
+            pass
+        else:
+            return Rejected(raw, verdict) if isinstance(verdict, str) else Message(raw, verdict)
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -193,7 +203,7 @@ def _decode_careful(body: bytes, fields: MessageFields) -> DecodedBatch:
         if raw in stored_texts:  # the same message again: one object, however many copies
             batch.repeated += 1
             continue
-        verdict = judge_element(raw)
+        verdict = judge_element(raw, fields.large_names)
         if isinstance(verdict, Rejected):
             batch.rejected.append(verdict)
             if len(batch.rejected) > MAX_REJECTED_ELEMENTS:

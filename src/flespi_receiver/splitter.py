@@ -56,38 +56,72 @@ class ElementSplitter:
     array (a list of objects in a message), but then the piece is not valid JSON and the next
     one is tried: a piece that decodes holds whole elements. Each byte is searched once for
     cuts. Raises NotExact, maybe after some elements, for a body that is not a JSON array.
+
+    A piece is decoded where it lies: the `[` or `,` before it and the byte after it are made
+    `[` and `]` for the time of the decoding, so that the text of a large element is held
+    twice at most (what arrived, and the element's own bytes), never a third time.
     """
 
     def __init__(self) -> None:
-        self._rest = bytearray()  # what arrived after the last whole element
+        # what arrived after the last whole element, from the "[" or "," before the next one
+        self._rest = bytearray()
         self._opened = False  # the array's "[" has been seen
         self._preferred: re.Pattern[bytes] | None = None
         self._searched = 0  # no boundary before this position of _rest
         self._pieces = 0
         self._failed_cuts = 0  # in a row: bounded, so that the cost stays linear
 
-    def feed(self, data: bytes) -> Iterator[msgspec.Raw]:
+    def feed(self, data: bytes) -> Iterator[bytes]:
         """The elements completed by `data`, a piece at a time."""
         self._rest += data
         if not self._opened and not self._open():
             return
-        start = 0
+        start = 1  # the first byte after the separator
         try:
             while (piece := self._next_piece(start)) is not None:
                 elements, start = piece
                 yield from elements
         finally:
-            del self._rest[:start]
-            self._searched = max(0, self._searched - start)
+            del self._rest[: start - 1]
+            self._searched = max(0, self._searched - (start - 1))
 
-    def finish(self) -> list[msgspec.Raw]:
+    def finish(self) -> list[bytes]:
         """The elements after the last cut; the body has ended."""
-        elements = split_elements(b"[" + self._rest) if self._opened else None
+        if not self._opened:
+            raise NotExact
+        elements = self._decode(0, None)
+        self._rest = bytearray()
         if elements is None:
             raise NotExact
         return elements
 
-    def _next_piece(self, start: int) -> tuple[list[msgspec.Raw], int] | None:
+    def _decode(self, opening: int, closing: int | None) -> list[bytes] | None:
+        """The elements of _rest[opening + 1 : closing] (to the end of the body: None), or None
+        when that is not a JSON array's content."""
+        rest = self._rest
+        saved = rest[opening], rest[closing] if closing is not None else 0
+        rest[opening] = 0x5B  # [
+        if closing is not None:
+            rest[closing] = 0x5D  # ]
+        view = memoryview(rest)
+        piece = view[opening : None if closing is None else closing + 1]
+        try:
+            try:
+                raws = _ELEMENTS.decode(piece)
+            except (msgspec.DecodeError, RecursionError):
+                return None
+            # copied out before the views go: _rest grows and shrinks afterwards
+            elements = [bytes(raw) for raw in raws]
+            del raws
+            return elements
+        finally:
+            piece.release()
+            view.release()
+            rest[opening] = saved[0]
+            if closing is not None:
+                rest[closing] = saved[1]
+
+    def _next_piece(self, start: int) -> tuple[list[bytes], int] | None:
         """The whole elements from `start` to the next good cut, and where the next piece
         starts; None: wait for more of the body."""
         after = max(start + (PIECE if self._pieces else FIRST_PIECE), self._searched)
@@ -96,11 +130,8 @@ class ElementSplitter:
             if boundary is None:
                 return None
             cut, next_start = boundary
-            with memoryview(self._rest) as rest:
-                piece = b"".join((b"[", rest[start : cut + 1], b"]"))
-            try:
-                elements = _ELEMENTS.decode(piece)
-            except (msgspec.DecodeError, RecursionError):
+            elements = self._decode(start - 1, cut + 1)
+            if elements is None:
                 self._failed_cuts += 1
                 after = cut + 1
                 continue
@@ -133,9 +164,9 @@ class ElementSplitter:
             return False  # only whitespace so far
         if self._rest[start] != ord("["):
             raise NotExact
-        del self._rest[: start + 1]
+        del self._rest[:start]  # the "[" stays, as the separator before the first element
         self._opened = True
-        first_key = _FIRST_KEY.match(self._rest)
+        first_key = _FIRST_KEY.match(self._rest, 1)
         if first_key:
             key = re.escape(first_key.group(1))
             self._preferred = re.compile(

@@ -7,14 +7,22 @@ import secrets
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from flespi_receiver.body import BodyReader
-from flespi_receiver.copy_format import HEADER, TRAILER, copy_chunks, row_chunks, stream_field
+from flespi_receiver.copy_format import (
+    HEADER,
+    REJECTED_COLUMNS,
+    TRAILER,
+    copy_chunks,
+    rejected_chunks,
+    row_chunks,
+    stream_field,
+)
 from flespi_receiver.device_state import (
     DEFAULT_EFFECTS,
     BatchEffects,
@@ -26,6 +34,7 @@ from flespi_receiver.device_state import (
 from flespi_receiver.errors import BatchRejected
 from flespi_receiver.failures import DatabaseState, shared_kind, state_kind
 from flespi_receiver.fields import DEFAULT_FIELDS, MESSAGE_COLUMNS, MessageFields, as_datetime
+from flespi_receiver.large_element import LARGE_ELEMENT
 from flespi_receiver.messages import (
     Message,
     Rejected,
@@ -248,7 +257,7 @@ async def _store_optimistically(
 async def _copy_optimistically(
     conn: Connection,
     stream: str,
-    copy_data: AsyncIterator[bytes],
+    copy_data: AsyncIterator[bytes | memoryview],
     fold: DeviceFold,
     effects: BatchEffects,
     limit: float | None = None,
@@ -279,7 +288,7 @@ async def _copy_optimistically(
 
 async def _streamed_rows(
     stream: str, body: BodyReader, fields: MessageFields, fold: DeviceFold
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[bytes | memoryview]:
     """The COPY data of a body that is still arriving, encoded as its messages come in:
     PostgreSQL works on the first rows while the rest of the body is on its way."""
     splitter = ElementSplitter()
@@ -351,19 +360,21 @@ async def _store_messages(
 
 
 async def _copy(
-    conn: Connection, copy_data: AsyncIterator[bytes], limit: float | None = None
+    conn: Connection, copy_data: AsyncIterator[bytes | memoryview], limit: float | None = None
 ) -> int:
     """COPY into messages; returns the number of rows stored, from PostgreSQL's "COPY n".
 
     `limit`: seconds for the whole COPY, source included; None: the connection's default.
     """
+    # asyncpg takes any buffer, not only bytes: it copies each chunk into a CopyData message
+    source = cast(AsyncIterator[bytes], copy_data)
     status = await conn.copy_to_table(
-        "messages", source=copy_data, columns=MESSAGE_COLUMNS, format="binary", timeout=limit
+        "messages", source=source, columns=MESSAGE_COLUMNS, format="binary", timeout=limit
     )
     return int(status.rsplit(" ", 1)[1])
 
 
-async def _as_async(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+async def _as_async(chunks: Iterator[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
     for chunk in chunks:
         yield chunk
 
@@ -447,7 +458,14 @@ async def _quarantined(conn: Connection, stream: str, raws: list[bytes]) -> set[
 
 
 async def _store_rejected(conn: Connection, stream: str, rejected: Iterable[Rejected]) -> None:
-    items = list(rejected)
+    items = []
+    for item in rejected:
+        if len(item.raw) > LARGE_ELEMENT:
+            await _store_large_rejected(conn, stream, item)
+        else:
+            items.append(item)
+    if not items:
+        return
     await conn.execute(
         INSERT_REJECTED,
         stream,
@@ -455,6 +473,26 @@ async def _store_rejected(conn: Connection, stream: str, rejected: Iterable[Reje
         [item.reason for item in items],
         [identity_of(item.raw) for item in items],
     )
+
+
+async def _store_large_rejected(conn: Connection, stream: str, item: Rejected) -> None:
+    """Keep one large piece of content aside by COPY, which sends it in slices: as a query
+    parameter it would be copied whole, twice, into the receiver's memory."""
+    identity = identity_of(item.raw)
+    if await _quarantined(conn, stream, [item.raw]):
+        return
+    chunks = rejected_chunks(stream, item.raw, item.reason, identity)
+    try:
+        # in a savepoint: another receiver may keep the same content at the same time
+        async with conn.transaction():
+            await conn.copy_to_table(
+                "rejected_messages",
+                source=cast(AsyncIterator[bytes], _as_async(chunks)),
+                columns=REJECTED_COLUMNS,
+                format="binary",
+            )
+    except asyncpg.UniqueViolationError:
+        pass  # kept by the other one: once per (stream, raw) either way
 
 
 async def store_decoded(

@@ -1,0 +1,182 @@
+"""Judging a very large element without building it: memory for its keys, not its values.
+
+A parse of one message costs several times its text (a Python object per value: an array of
+a million integers is 40 MB for its 8 MB of text), so an element larger than LARGE_ELEMENT is
+judged here instead, with the same verdicts as messages.judge_element:
+
+- msgspec checks the JSON syntax (escapes, lone surrogates, control characters, numbers)
+  while skipping every value it is not asked for, and hands back the text of the known
+  fields, which orjson then parses: they are small;
+- the UTF-8 is checked in slices; a scan over quotes and brackets (json_scan's way: linear,
+  nothing recursive) counts the nesting, finds a key given twice in one object and numbers
+  beyond a double (orjson refuses those), and `\\u0000` escapes are looked for in C.
+
+Nesting deeper than msgspec goes (Python's recursion limit, about 990 levels) is left to the
+usual judge, as is a stream keyed by content, which needs the parse.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import re
+from collections.abc import Collection
+from typing import Any
+
+import msgspec
+import orjson
+
+from flespi_receiver.json_scan import string_end
+
+# elements larger than this (bytes) are judged here
+LARGE_ELEMENT = 1024 * 1024
+# the deepest nesting stored, the message object itself being level 1 (orjson's own limit)
+MAX_DEPTH = 1024
+_UTF8_SLICE = 1024 * 1024
+_QUOTE_OR_BRACKET = re.compile(rb'["\[\]{}]')
+_COLON_NEXT = re.compile(rb"[ \t\n\r]*:")
+_WHITESPACE = re.compile(rb"[ \t\n\r]*")
+# where a number that may be beyond a double shows itself, outside strings: an exponent (it
+# always follows a digit), or 309 digits in a row (counted from the run's first digit only,
+# so that the search stays linear)
+_MAYBE_HUGE_NUMBER = re.compile(rb"[0-9][eE]|(?<![0-9])[0-9]{309}")
+_NUMBER_CHARACTERS = re.compile(rb"[-+.0-9eE]*")
+_NUMBER_BYTES = frozenset(b"-+.0123456789eE")
+_NUL_ESCAPE = b"\\u0000"
+_KINDS = {
+    ord("["): "an array",
+    ord('"'): "a string",
+    ord("t"): "a boolean",
+    ord("f"): "a boolean",
+    ord("n"): "null",
+}
+
+
+class TooDeep(Exception):
+    """Nested deeper than msgspec reads: judge the element the usual way."""
+
+
+def judge_large(raw: bytes, names: Collection[str]) -> dict[str, Any] | str:
+    """The parsed values of those top-level keys `names` that `raw` holds, or why `raw` can't
+    be stored as a message (the reasons messages.judge_element gives; a syntax error is
+    worded by msgspec). Raises TooDeep."""
+    first = _WHITESPACE.match(raw)
+    start = first.end() if first else 0
+    wanted = tuple(sorted(set(names)))
+    try:
+        if raw[start : start + 1] == b"{":
+            known: tuple[msgspec.Raw, ...] | None = msgspec.structs.astuple(
+                _known_decoder(wanted).decode(raw)
+            )
+        else:
+            msgspec.json.decode(raw, type=msgspec.Raw)  # the syntax only, nothing built
+            known = None
+    except msgspec.DecodeError as exc:
+        return f"not valid JSON: {exc}"
+    except RecursionError:
+        raise TooDeep from None
+    problem = _invalid_utf8(raw) or _structure_problem(raw, keys=known is not None)
+    if problem is not None:
+        return problem
+    if known is None:
+        return f"not a JSON object but {_kind(raw[start])}"
+    if _NUL_ESCAPE in raw and _has_nul_escape(raw):
+        return "a string or key contains \\u0000, which PostgreSQL cannot store"
+    values = zip(wanted, known, strict=True)
+    return {name: orjson.loads(memoryview(value)) for name, value in values if value}
+
+
+@functools.lru_cache(maxsize=16)
+def _known_decoder(names: tuple[str, ...]) -> msgspec.json.Decoder[Any]:
+    """A decoder of an object that keeps the text of the keys `names` (empty when absent)
+    and skips every other value, checking its syntax."""
+    fields = [(f"f{i}", msgspec.Raw, msgspec.Raw()) for i in range(len(names))]
+    rename = {f"f{i}": name for i, name in enumerate(names)}
+    return msgspec.json.Decoder(msgspec.defstruct("KnownText", fields, rename=rename))
+
+
+def _kind(first: int) -> str:
+    return _KINDS.get(first, "a number")
+
+
+def _invalid_utf8(raw: bytes) -> str | None:
+    """Why `raw` is not valid UTF-8 (as messages.judge_element says it), else None; decoded
+    a slice at a time, so that this costs a slice, not the text."""
+    if raw.isascii():
+        return None
+    view = memoryview(raw)
+    position = 0
+    try:
+        while position < len(raw):
+            end = position + _UTF8_SLICE
+            _, consumed = codecs.utf_8_decode(view[position:end], "strict", end >= len(raw))
+            position += consumed
+    except UnicodeDecodeError as bad:
+        offset = position + bad.start
+        return f"not valid UTF-8: byte 0x{raw[offset]:02x} at offset {offset} of the message"
+    finally:
+        view.release()
+    return None
+
+
+def _structure_problem(raw: bytes, *, keys: bool) -> str | None:
+    """Nesting deeper than MAX_DEPTH, a number beyond a double or, with `keys`, a key given
+    twice in one object, in `raw` (valid JSON syntax): what judge_element says of it."""
+    open_objects: list[set[str] | None] = []  # the keys of each open object; None: an array
+    gap = 0  # where the text outside strings and brackets begins
+    while (found := _QUOTE_OR_BRACKET.search(raw, gap)) is not None:
+        at = found.start()
+        number = _number_beyond_double(raw, gap, at)
+        if number is not None:
+            return number
+        kind = raw[at]
+        if kind == 0x22:  # a string (skipped whole): a key when a colon follows
+            end = string_end(raw, at)
+            gap = end + 1
+            seen = open_objects[-1] if keys and open_objects else None
+            if seen is not None and _COLON_NEXT.match(raw, gap) is not None:
+                text = raw[at + 1 : end]
+                key = orjson.loads(raw[at:gap]) if b"\\" in text else text.decode()
+                if key in seen:
+                    return f"duplicate key {key!r}"
+                seen.add(key)
+            continue
+        gap = at + 1
+        if kind in b"[{":
+            open_objects.append(set() if kind == 0x7B else None)
+            if len(open_objects) > MAX_DEPTH:
+                return f"nesting deeper than {MAX_DEPTH} levels"
+        else:
+            open_objects.pop()
+    return _number_beyond_double(raw, gap, len(raw))
+
+
+def _number_beyond_double(raw: bytes, start: int, end: int) -> str | None:
+    """Why a number in raw[start:end] (text outside strings) can't be read as a double."""
+    position = start
+    while (found := _MAYBE_HUGE_NUMBER.search(raw, position, end)) is not None:
+        first = found.start()
+        while first > start and raw[first - 1] in _NUMBER_BYTES:
+            first -= 1
+        matched = _NUMBER_CHARACTERS.match(raw, found.start(), end)
+        last = matched.end() if matched else found.end()
+        try:
+            orjson.loads(raw[first:last])
+        except orjson.JSONDecodeError as exc:
+            return f"not valid JSON: {exc}"
+        position = max(last, found.end())
+    return None
+
+
+def _has_nul_escape(raw: bytes) -> bool:
+    """Whether `raw` (valid JSON) holds a \\u0000 escape: one whose backslash is not itself
+    escaped, i.e. follows an even number of backslashes."""
+    position = raw.find(_NUL_ESCAPE)
+    while position != -1:
+        backslashes = 0
+        while position - 1 - backslashes >= 0 and raw[position - 1 - backslashes] == 0x5C:
+            backslashes += 1
+        if backslashes % 2 == 0:
+            return True
+        position = raw.find(_NUL_ESCAPE, position + 1)
+    return False

@@ -1,0 +1,217 @@
+"""A message of megabytes is judged without being parsed whole, with the verdicts of the usual
+judge, is stored or quarantined like any other, and costs the receiver a few times its size."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flespi_receiver.embedded import free_port
+from flespi_receiver.fields import DEFAULT_FIELDS
+from flespi_receiver.large_element import LARGE_ELEMENT, TooDeep, judge_large
+from flespi_receiver.messages import Message, Rejected, judge_element
+
+from helpers import AUTH, config_file, count, receiver_process, wait_until_serving
+
+NAMES = DEFAULT_FIELDS.large_names or ()
+KNOWN = {"ident": "dev-1", "timestamp": 1764000000.5, "position.latitude": 49.5}
+
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+def _insert(text: bytes, extra: bytes) -> bytes:
+    """`extra` (a `"key":value` member) as the first member of the outer object."""
+    return b"{" + extra + (b"," if text != b"{}" else b"") + text[1:]
+
+
+# ways to spell or to break a message's text, as a sender or an attacker might
+DAMAGE: dict[str, Callable[[bytes], bytes]] = {
+    "none": lambda t: t,
+    "spaced": lambda t: json.dumps(json.loads(t), ensure_ascii=False).encode(),
+    "escaped": lambda t: json.dumps(json.loads(t)).replace("/", "\\/").encode(),
+    "duplicate key": lambda t: _insert(t, b'"ident":1,"ident":2'),
+    "duplicate escaped key": lambda t: _insert(t, b'"a":1,"\\u0061":2'),
+    "spaced duplicate key": lambda t: _insert(t, b'"k" :1 , "k"\n:2'),
+    "nested duplicate key": lambda t: _insert(t, b'"n":[{"x":1,"x":2}]'),
+    "NUL escape": lambda t: _insert(t, b'"s":"a\\u0000"'),
+    "escaped backslash then u0000": lambda t: _insert(t, b'"s":"a\\\\u0000"'),
+    "invalid UTF-8": lambda t: _insert(t, b'"s":"\xc3\x28"'),
+    "encoded surrogate": lambda t: _insert(t, b'"s":"\xed\xa0\x80"'),
+    "lone surrogate escape": lambda t: _insert(t, b'"s":"\\udc00"'),
+    "number beyond a double": lambda t: _insert(t, b'"n":-1.5E+400'),
+    "309 digits": lambda t: _insert(t, b'"n":' + b"9" * 309),
+    "exponent in a string": lambda t: _insert(t, b'"s":"1e999 and 9e400"'),
+    "NaN": lambda t: _insert(t, b'"n":NaN'),
+    "trailing comma": lambda t: t[:-1] + b",}" if t != b"{}" else b"{,}",
+    "an array": lambda t: b"[" + t + b"]",
+    "a string": lambda t: orjson.dumps(t.decode()),
+    "a number": lambda t: b"12.5",
+    "deep": lambda t: _insert(t, b'"d":' + b"[" * 1030 + b"]" * 1030),
+    "quotes and brackets in strings": lambda t: _insert(t, b'"s":"\\"}]{[\\":\\\\"'),
+}
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    message=st.dictionaries(st.text(max_size=4), values, max_size=6),
+    known=st.booleans(),
+    damage=st.sampled_from(sorted(DAMAGE)),
+)
+def test_the_large_judge_gives_the_usual_verdicts(
+    message: dict[str, Any], known: bool, damage: str
+) -> None:
+    if known:
+        message = {**message, **KNOWN}
+    raw = DAMAGE[damage](json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode())
+    usual = judge_element(raw)
+    try:
+        large = judge_large(raw, NAMES)
+    except TooDeep:
+        # only nesting deeper than msgspec goes is left to the usual judge
+        assert damage == "deep"
+        return
+    if isinstance(usual, Rejected):
+        assert isinstance(large, str), (raw, usual.reason)
+        if not usual.reason.startswith("not valid JSON"):
+            assert large == usual.reason
+        else:  # syntax errors are worded by msgspec, numbers beyond a double by orjson
+            assert large.startswith("not valid JSON")
+    else:
+        assert isinstance(large, dict), (raw, large)
+        assert large == {name: usual.data[name] for name in NAMES if name in usual.data}
+
+
+def test_only_large_elements_take_the_large_judge() -> None:
+    big = orjson.dumps({**KNOWN, "s": "x" * LARGE_ELEMENT})
+    judged = judge_element(big, NAMES)
+    assert isinstance(judged, Message)
+    assert judged.data == KNOWN  # the known keys only: the rest was never parsed
+    small = orjson.dumps({**KNOWN, "s": "x"})
+    assert judge_element(small, NAMES).data == orjson.loads(small)  # type: ignore[union-attr]
+
+
+def _huge(**fields: Any) -> dict[str, Any]:
+    return {**KNOWN, **fields}
+
+
+async def test_large_messages_are_stored_with_their_columns_or_quarantined(
+    receiver: Any, db: asyncpg.Connection
+) -> None:
+    client = await receiver()
+    string = _huge(s="é" * LARGE_ELEMENT)
+    array = _huge(ident="dev-2", a=list(range(300_000)))
+    deep = _huge(ident="dev-3", d=[[["x" * LARGE_ELEMENT]]])
+    nested_too_deep = b'{"ident":"dev-4","d":' + b"[" * 1000 + b"1" * 3 + b"]" * 1000 + b"}"
+    duplicate = b'{"ident":"dup","s":"' + b"y" * LARGE_ELEMENT + b'","ident":"again"}'
+    invalid = b'{"ident":"bad","s":"' + b"z" * LARGE_ELEMENT + b'\xff"}'
+    elements = [orjson.dumps(string), orjson.dumps(array), orjson.dumps(deep)]
+    body = b"[" + b",".join([*elements, nested_too_deep, duplicate, invalid]) + b"]"
+    reply = await client.post("/flespi", data=io.BytesIO(body), headers=AUTH)
+    assert reply.status == 200, await reply.text()
+    assert await reply.json() == {"stored": 4, "duplicates": 0, "rejected": 2}
+    rows = await db.fetch(
+        "SELECT ident, ts, latitude, payload::text AS payload FROM messages ORDER BY id"
+    )
+    assert [row["ident"] for row in rows] == ["dev-1", "dev-2", "dev-3", "dev-4"]
+    assert rows[0]["ts"].timestamp() == KNOWN["timestamp"]
+    assert rows[0]["latitude"] == KNOWN["position.latitude"]
+    assert orjson.loads(rows[0]["payload"]) == string
+    assert orjson.loads(rows[1]["payload"]) == array
+    assert orjson.loads(rows[2]["payload"]) == deep
+    reasons = [r["reason"] for r in await db.fetch("SELECT reason FROM rejected_messages")]
+    assert sorted(reasons) == [
+        "duplicate key 'ident'",
+        f"not valid UTF-8: byte 0xff at offset {len(invalid) - 3} of the message",
+    ]
+    # sent again: nothing stored twice
+    again = await client.post("/flespi", data=io.BytesIO(body), headers=AUTH)
+    assert await again.json() == {"stored": 0, "duplicates": 4, "rejected": 2}
+    assert await count(db) == 4
+    assert await count(db, "rejected_messages") == 2
+
+
+def _memory_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def _reset_peak(pid: int) -> None:
+    # "5" resets the peak resident set size (proc(5), clear_refs)
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+BODY_SIZE = 4 * 1024 * 1024
+SHAPES: dict[str, bytes] = {
+    "one huge string": b'[{"ident":"s","s":"' + b"x" * BODY_SIZE + b'"}]',
+    "one huge array of integers": b'[{"ident":"a","a":['
+    + b",".join([b"1234567"] * (BODY_SIZE // 8))
+    + b"]}]",
+    "a huge element that is not an object": b'[["' + b"x" * BODY_SIZE + b'"]]',
+    "not an array": b'{"s":"' + b"x" * BODY_SIZE + b'"}',
+}
+
+
+async def test_a_body_of_one_huge_message_costs_a_few_times_its_size(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    port = free_port()
+    config = config_file(tmp_path, database_url, port)
+    config.write_text(
+        config.read_text().replace("[server]\n", f"[server]\nmax_body_size = {2 * BODY_SIZE}\n")
+    )
+    costs: dict[str, float] = {}
+    with receiver_process(config) as process:
+        await wait_until_serving(port, process)
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/flespi"
+            # a small batch first, so that what any batch loads is in the baseline
+            async with session.post(url, data=b'[{"a":1}]', headers=AUTH) as reply:
+                assert reply.status == 200
+            for name, body in SHAPES.items():
+                await asyncio.sleep(0.2)
+                _reset_peak(process.pid)
+                before = _memory_kib(process.pid, "VmRSS")
+                async with session.post(url, data=io.BytesIO(body), headers=AUTH) as reply:
+                    assert reply.status == 200, (name, await reply.text())
+                peak = _memory_kib(process.pid, "VmHWM")
+                costs[name] = (peak - before) * 1024 / len(body)
+    assert await count(db) == 3
+    assert await count(db, "rejected_messages") == 2
+    # the body as received, the element's own bytes and what is sent on: about 3 x
+    assert all(cost <= 4 for cost in costs.values()), costs
+
+
+async def test_the_same_large_content_refused_twice_at_once_is_kept_once(
+    receiver: Any, db: asyncpg.Connection
+) -> None:
+    client = await receiver()
+    bad = b'[{"ident":"x","s":"' + b"q" * LARGE_ELEMENT + b'","ident":"y"}]'
+    replies = await asyncio.gather(
+        *(client.post("/flespi", data=io.BytesIO(bad), headers=AUTH) for _ in range(3))
+    )
+    assert [reply.status for reply in replies] == [200, 200, 200]
+    assert await count(db, "rejected_messages") == 1
+    raw, reason = await db.fetchrow("SELECT raw, reason FROM rejected_messages")
+    assert (raw, reason) == (bad[1:-1], "duplicate key 'ident'")
