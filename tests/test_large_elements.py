@@ -21,7 +21,15 @@ from flespi_receiver.fields import DEFAULT_FIELDS
 from flespi_receiver.large_element import LARGE_ELEMENT, TooDeep, judge_large
 from flespi_receiver.messages import Message, Rejected, judge_element
 
-from helpers import AUTH, config_file, count, receiver_process, wait_until_serving
+from helpers import (
+    AUTH,
+    config_file,
+    count,
+    receiver_process,
+    reply_on,
+    send_partial_body,
+    wait_until_serving,
+)
 
 NAMES = DEFAULT_FIELDS.large_names or ()
 KNOWN = {"ident": "dev-1", "timestamp": 1764000000.5, "position.latitude": 49.5}
@@ -206,7 +214,7 @@ async def test_a_body_of_one_huge_message_costs_a_few_times_its_size(
 async def test_the_same_large_content_refused_twice_at_once_is_kept_once(
     receiver: Any, db: asyncpg.Connection
 ) -> None:
-    client = await receiver()
+    client = await receiver(extra="bodies_in_flight = 9")  # room for three large bodies
     bad = b'[{"ident":"x","s":"' + b"q" * LARGE_ELEMENT + b'","ident":"y"}]'
     replies = await asyncio.gather(
         *(client.post("/flespi", data=io.BytesIO(bad), headers=AUTH) for _ in range(3))
@@ -215,3 +223,26 @@ async def test_the_same_large_content_refused_twice_at_once_is_kept_once(
     assert await count(db, "rejected_messages") == 1
     raw, reason = await db.fetchrow("SELECT raw, reason FROM rejected_messages")
     assert (raw, reason) == (bad[1:-1], "duplicate key 'ident'")
+
+
+async def test_a_body_of_a_large_message_counts_as_several_bodies_in_flight(
+    receiver: Any, db: asyncpg.Connection
+) -> None:
+    client = await receiver(extra="bodies_in_flight = 3", database="acquire_timeout = 1")
+    ordinary = orjson.dumps([{"ident": f"d{i}", "n": "x" * 200} for i in range(400)])
+    # one ordinary body in flight, half sent: one slot of three taken
+    slow = await asyncio.to_thread(
+        send_partial_body, client.port, len(ordinary), ordinary[: len(ordinary) // 2]
+    )
+    large = b'[{"ident":"big","s":"' + b"x" * (2 * LARGE_ELEMENT) + b'"}]'
+    refused = await client.post("/flespi", data=io.BytesIO(large), headers=AUTH)
+    assert refused.status == 503
+    assert "counts as several bodies in flight" in (await refused.json())["error"]
+    assert refused.headers["Retry-After"] == "1"
+    assert await count(db) == 0
+    # the ordinary body ends; then there is room for the large one
+    slow.sendall(ordinary[len(ordinary) // 2 :])
+    assert (await reply_on(slow)).startswith(b"HTTP/1.1 200")
+    stored = await client.post("/flespi", data=io.BytesIO(large), headers=AUTH)
+    assert stored.status == 200, await stored.text()
+    assert await count(db) == 401

@@ -206,6 +206,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
         server.body_timeout,
         server.min_body_rate,
         asyncio.Semaphore(server.bodies_in_flight),
+        server.bodies_in_flight,
         max(1, server.bodies_in_flight - (len(settings.streams) - 1)),
     )
     app[METRICS] = metrics = Metrics()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import StreamReader
 from aiohttp.http_exceptions import HttpProcessingError
@@ -124,6 +124,9 @@ class BodyReader:
         self._complete = False
         self.received = 0  # bytes as sent
         self.size = 0  # bytes after decompression
+        # waits until the receiver has room for a body holding a large element (or raises
+        # BodyTooBusy); None: no such accounting
+        self.make_room_for_large: Callable[[], Awaitable[None]] | None = None
 
     def remaining(self) -> float:
         """Seconds left for the body to arrive (0 once past its deadline)."""

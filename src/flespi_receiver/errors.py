@@ -58,5 +58,10 @@ class ShutdownTimeout(BodyError):
     """The receiver is stopping and server.shutdown_timeout passed before the body arrived."""
 
 
+class BodyTooBusy(BodyError):
+    """A body turned out to hold a large element and the bodies in flight left no room for
+    what judging it costs (server.bodies_in_flight) within database.acquire_timeout."""
+
+
 class BodyIncomplete(BodyError):
     """The body broke off (the client went away) or can't be decompressed."""

@@ -7,6 +7,7 @@ import hmac
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import orjson
@@ -21,6 +22,7 @@ from flespi_receiver.errors import (
     BatchRejected,
     BodyIncomplete,
     BodyTimeout,
+    BodyTooBusy,
     BodyTooLarge,
     ShutdownTimeout,
 )
@@ -67,8 +69,12 @@ class Limits:
     body_timeout: float
     min_body_rate: int
     bodies_in_flight: asyncio.Semaphore
+    bodies_allowed: int  # the semaphore's size: server.bodies_in_flight
     # at most this many of them for one stream (bodies_in_flight less one per other stream)
     bodies_per_stream: int = 1
+    # what a body holding one large element counts as (large_element.py): its text is held
+    # about three times while it arrives, is judged and is sent on (bench --memory-shapes)
+    large_body_slots: int = 3
 
 
 def json_response(status: int, body: dict[str, object], **headers: str) -> web.Response:
@@ -235,10 +241,28 @@ class StreamEndpoint:
                     raise
         except TimeoutError:
             return self._busy(), None, 0
+        extra = 0
+
+        async def make_room_for_large() -> None:
+            # a body of a large element counts as several: the memory for bodies stays within
+            # max_body_size x bodies_in_flight
+            nonlocal extra
+            wanted = min(self.limits.large_body_slots, self.limits.bodies_allowed) - 1
+            try:
+                async with asyncio.timeout(self.pool_limits.acquire_timeout):
+                    while extra < wanted:
+                        await self.limits.bodies_in_flight.acquire()
+                        extra += 1
+            except TimeoutError:
+                raise BodyTooBusy from None
+
         try:
-            return await self._receive_and_store(request, stream, coding, bound)
+            return await self._receive_and_store(
+                request, stream, coding, bound, make_room_for_large
+            )
         finally:
-            self.limits.bodies_in_flight.release()
+            for _ in range(extra + 1):
+                self.limits.bodies_in_flight.release()
             self.stream_bodies.release()
 
     async def _receive_and_store(
@@ -247,6 +271,7 @@ class StreamEndpoint:
         stream: StreamSettings,
         coding: str,
         bound: structlog.typing.FilteringBoundLogger,
+        make_room_for_large: Callable[[], Awaitable[None]],
     ) -> tuple[web.Response, StoreResult | None, int]:
         if request.headers.get("Expect") is not None:
             # everything that could refuse the request has had its say and a slot for the body
@@ -260,6 +285,7 @@ class StreamEndpoint:
         reader = BodyReader(
             request.content, coding, limits.max_body_size, limits.body_timeout, limits.min_body_rate
         )
+        reader.make_room_for_large = make_room_for_large
         try:
             # a large body is stored as it arrives; a small one is read whole first. The size
             # that counts is the decoded one: a small gzip or chunked body may be a large one
@@ -279,6 +305,14 @@ class StreamEndpoint:
             return _broken(self._too_large()), None, reader.received
         except BodyIncomplete as exc:
             reply = error_response(400, f"body incomplete or undecodable: {exc}")
+            return _broken(reply), None, reader.received
+        except BodyTooBusy:
+            reply = error_response(
+                503,
+                "a body holding a large message counts as several bodies in flight and there "
+                "was no room for it (server.bodies_in_flight); nothing was stored",
+                **{"Retry-After": "1"},
+            )
             return _broken(reply), None, reader.received
         except ShutdownTimeout:
             reply = error_response(

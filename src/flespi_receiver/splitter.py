@@ -85,6 +85,11 @@ class ElementSplitter:
             del self._rest[: start - 1]
             self._searched = max(0, self._searched - (start - 1))
 
+    @property
+    def pending(self) -> int:
+        """Bytes held after the last whole element: the size of the element in progress."""
+        return len(self._rest)
+
     def finish(self) -> list[bytes]:
         """The elements after the last cut; the body has ended."""
         if not self._opened:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -166,6 +166,7 @@ async def _store_batch(
         )
         if streamed is not None:
             return StoreResult(messages=streamed, stored=streamed, duplicates=0, rejected=0)
+        await rows.aclose()  # lets go of what the splitter held before the body is joined
         body = await body.read_all()
     optimistic = await _store_optimistically(conn, stream, body, fields, effects)
     if optimistic is not None:
@@ -288,7 +289,7 @@ async def _copy_optimistically(
 
 async def _streamed_rows(
     stream: str, body: BodyReader, fields: MessageFields, fold: DeviceFold
-) -> AsyncIterator[bytes | memoryview]:
+) -> AsyncGenerator[bytes | memoryview, None]:
     """The COPY data of a body that is still arriving, encoded as its messages come in:
     PostgreSQL works on the first rows while the rest of the body is on its way."""
     splitter = ElementSplitter()
@@ -297,6 +298,9 @@ async def _streamed_rows(
     async for data in body.chunks():
         for chunk in row_chunks(field, exact_messages(splitter.feed(data), fields), fold):
             yield chunk
+        if splitter.pending > LARGE_ELEMENT and body.make_room_for_large is not None:
+            await body.make_room_for_large()
+            body.make_room_for_large = None
     for chunk in row_chunks(field, exact_messages(splitter.finish(), fields), fold):
         yield chunk
     yield TRAILER
