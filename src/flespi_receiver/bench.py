@@ -26,6 +26,7 @@ import aiohttp
 import asyncpg
 import orjson
 
+from flespi_receiver.bench_model import model_cost
 from flespi_receiver.copy_format import copy_chunks
 from flespi_receiver.embedded import free_port
 from flespi_receiver.emulator import StreamEmulator, batches_of, encode_messages, sample_messages
@@ -377,6 +378,17 @@ async def run_benchmark(
         f"devices in turn; gzip {'on' if workload.gzip_level is not None else 'off'}"
     )
     summary = report(runs, round_ratios)
+    for batch in summary["batches"]:
+        # the known-field model's share, on this run's own messages and receiver rate
+        encoded = encode_messages(sample_messages(min(count, 5000), devices=workload.devices))
+        cost = model_cost(encoded, batch[RECEIVER_RUN]["rate"], batch["receiver_vs_copy"])
+        batch["known_field_model"] = cost
+        print(
+            f"{batch['batch_size']:>6} known-field model (pydantic): "
+            f"{cost['model_us_per_message']:.2f} µs per message, "
+            f"{cost['model_share_of_receiver']:.1%} of the receiver's time, "
+            f"receiver/COPY lowered by {cost['ratio_lowered_by']:.3f}"
+        )
     summary.update(
         cpus=os.cpu_count(),
         count=count,
