@@ -126,6 +126,20 @@ def test_bench_measures_other_configurations_and_fleets(pg_server: Server) -> No
     assert summary["batches"][0]["flespi-receiver"]["messages"] == 1000
 
 
+def test_bench_measures_one_bad_message_per_batch(pg_server: Server) -> None:
+    # the bench itself fails unless the bad stream stored all but one message in 100 and
+    # quarantined those
+    result, summary = bench(
+        pg_server, "--count", "300", "--batch-size", "100", "--rounds", "1", "--bad-every", "100"
+    )
+    (run,) = summary["batches"]
+    assert summary["bad_every"] == 100
+    assert run["receiver, bad messages"]["messages"] == 1000
+    assert run["bad_vs_copy"] > 0
+    assert run["bad_vs_receiver"] > 0
+    assert "with bad messages" in result.stdout
+
+
 def test_growth_and_memory_benchmarks_run(pg_server: Server) -> None:
     _, growth = bench(pg_server, "--growth", "2000", "--growth-step", "1000", "--count", "300")
     # each point is measured three times with 300 new messages

@@ -2,7 +2,9 @@
 
 In one run, on the same rows and the same database: raw COPY of the rows into a copy of
 `messages` (the limit), the receiver as its own process fed by the stream emulator, and the
-naive quick-start receiver fed the same way. Prints a table and one JSON line.
+naive quick-start receiver fed the same way; with `bad_every`, the receiver again on the same
+messages with one in so many made invalid, on a stream of its own. Prints a table and one
+JSON line.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ BENCH_DATABASE = "flespi_bench"
 SCHEMA = "flespi"
 COUNT_STORED = "SELECT count(*) FROM flespi.messages"
 COPY_RUN, RECEIVER_RUN, NAIVE_RUN = "COPY (database limit)", "flespi-receiver", "naive receiver"
+BAD_RUN = "receiver, bad messages"
 # messages each contender stores in its turn (at least one batch): long enough to be warm
 # as a stream keeps a receiver warm, short enough for the turns to see the same machine
 TURN_MESSAGES = 5000
@@ -190,17 +193,32 @@ def receiver_config(
     max_body: int,
     configuration: str = "default",
     identity: Identity = "text",
+    streams: tuple[str, ...] = ("main",),
 ) -> Path:
-    """The receiver's config file, in one of CONFIGURATIONS; `identity`: what the stream keys
-    its messages by (identity.py)."""
+    """The receiver's config file, in one of CONFIGURATIONS; `identity`: what the streams key
+    their messages by (identity.py); `streams`: their names, each posting to /flespi/NAME
+    (the first to /flespi)."""
     config = directory / "bench.toml"
+    tables = "".join(
+        f'[[streams]]\nname = "{name}"\npath = "/flespi{f"/{name}" if number else ""}"\n'
+        f'authorization = ["{TOKEN}"]\nidentity = "{identity}"\n'
+        for number, name in enumerate(streams)
+    )
     config.write_text(
         f'[server]\nport = {port}\nmax_body_size = {max_body}\n[log]\nformat = "json"\n'
         f'[database]\nurl = "{url}"\nschema = "{SCHEMA}"\n{CONFIGURATIONS[configuration]}'
-        f'[[streams]]\nname = "main"\npath = "/flespi"\nauthorization = ["{TOKEN}"]\n'
-        f'identity = "{identity}"\n'
+        f"{tables}"
     )
     return config
+
+
+def with_bad_messages(messages: Sequence[bytes], every: int) -> list[bytes]:
+    """The messages with one in `every` (the middle one of each `every`) made invalid by a
+    duplicate key: its text with `"ident":"bad"` put before its own keys, about as long."""
+    return [
+        b'{"ident":"bad",' + raw[1:] if number % every == every // 2 else raw
+        for number, raw in enumerate(messages)
+    ]
 
 
 @dataclass(frozen=True)
@@ -215,6 +233,8 @@ class Workload:
     gzip_level: int | None = None
     spelling: Spelling = "compact"
     identity: Identity = "text"
+    # also the receiver on the same messages with one in this many invalid (BAD_RUN)
+    bad_every: int | None = None
 
 
 async def bench_batch_size(
@@ -233,8 +253,16 @@ async def bench_batch_size(
     batches = list(batches_of(sent, size))
     copy_data = copy_batches(encoded, size)
     receiver_port, naive_port = free_port(), free_port()
+    bad_every = workload.bad_every
+    streams = ("main", "bad") if bad_every else ("main",)
     config = receiver_config(
-        workdir, url, receiver_port, 512 * 1024 * 1024, workload.configuration, workload.identity
+        workdir,
+        url,
+        receiver_port,
+        512 * 1024 * 1024,
+        workload.configuration,
+        workload.identity,
+        streams,
     )
     serve = [sys.executable, "-m", "flespi_receiver", "serve", "--config", str(config)]
     naive = [
@@ -251,24 +279,40 @@ async def bench_batch_size(
         with process(serve) as receiver_proc, process(naive) as naive_proc:
             await wait_for_port(receiver_port, receiver_proc)
             await wait_for_port(naive_port, naive_proc)
+            targets = [(RECEIVER_RUN, receiver_port, ""), (NAIVE_RUN, naive_port, "")]
+            if bad_every:
+                targets.append((BAD_RUN, receiver_port, "/bad"))
             emulators = {
                 name: StreamEmulator(
-                    f"http://127.0.0.1:{port}/flespi",
+                    f"http://127.0.0.1:{port}/flespi{stream_path}",
                     authorization=TOKEN,
                     gzip_level=workload.gzip_level,
                     max_attempts=20,
                 )
-                for name, port in ((RECEIVER_RUN, receiver_port), (NAIVE_RUN, naive_port))
+                for name, port, stream_path in targets
             }
-            seconds = await take_turns(conn, batches, copy_data, emulators)
+            bad_batches = (
+                list(batches_of(with_bad_messages(sent, bad_every), size)) if bad_every else []
+            )
+            seconds = await take_turns(conn, batches, copy_data, emulators, bad_batches)
+            # both receiver runs are the same process
+            pids = {RECEIVER_RUN: receiver_proc.pid, NAIVE_RUN: naive_proc.pid}
+            pids[BAD_RUN] = receiver_proc.pid
             runs = [Run(COPY_RUN, size, count, seconds[COPY_RUN])] + [
-                emulated_run(name, size, emulators[name], seconds[name], proc.pid)
-                for name, proc in ((RECEIVER_RUN, receiver_proc), (NAIVE_RUN, naive_proc))
+                emulated_run(name, size, emulators[name], seconds[name], pids[name])
+                for name in emulators
             ]
-        for table in ("messages", "copy_reference", "naive_reference"):
+        bad = len(range(bad_every // 2, count, bad_every)) if bad_every else 0
+        expected = {
+            "messages": count + (count - bad if bad_every else 0),
+            "copy_reference": count,
+            "naive_reference": count,
+            "rejected_messages": bad,
+        }
+        for table, wanted in expected.items():
             stored = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.{table}")  # noqa: S608
-            if stored != count:
-                raise RuntimeError(f"{table} holds {stored} of {count} messages")
+            if stored != wanted:
+                raise RuntimeError(f"{table} holds {stored} of {wanted} rows")
     finally:
         await conn.close()
     return runs
@@ -279,9 +323,10 @@ async def take_turns(
     batches: list[Sequence[bytes]],
     copy_data: list[bytes],
     emulators: dict[str, StreamEmulator],
+    bad_batches: list[Sequence[bytes]] | None = None,
 ) -> dict[str, float]:
     """The contenders take turns of TURN_MESSAGES messages (the order rotating), each one's
-    batch times summed."""
+    batch times summed; BAD_RUN sends `bad_batches` instead of `batches`."""
     seconds = dict.fromkeys((COPY_RUN, *emulators), 0.0)
     names = list(seconds)
     per_turn = max(1, TURN_MESSAGES // len(batches[0]))
@@ -294,6 +339,8 @@ async def take_turns(
                 for number in range(start, min(start + per_turn, len(batches))):
                     if name == COPY_RUN:
                         await copy_batch(conn, copy_data[number])
+                    elif name == BAD_RUN and bad_batches:
+                        await emulators[name].deliver(session, bad_batches[number])
                     else:
                         await emulators[name].deliver(session, batches[number])
                 seconds[name] += time.perf_counter() - started
@@ -308,6 +355,10 @@ def paired_ratios(rounds: list[list[Run]]) -> dict[str, list[float]]:
         receiver = by_name[RECEIVER_RUN].rate
         ratios["receiver_vs_copy"].append(receiver / by_name[COPY_RUN].rate)
         ratios["receiver_vs_naive"].append(receiver / by_name[NAIVE_RUN].rate)
+        if BAD_RUN in by_name:
+            bad = by_name[BAD_RUN].rate
+            ratios.setdefault("bad_vs_copy", []).append(bad / by_name[COPY_RUN].rate)
+            ratios.setdefault("bad_vs_receiver", []).append(bad / receiver)
     return ratios
 
 
@@ -336,6 +387,14 @@ def report(runs: list[Run], round_ratios: dict[int, dict[str, list[float]]]) -> 
             f"receiver/naive {ratios['receiver_vs_naive']:.2f} "
             f"[{spread['receiver_vs_naive'][0]:.2f}-{spread['receiver_vs_naive'][1]:.2f}]"
         )
+        if "bad_vs_copy" in ratios:
+            print(
+                f"{size:>6} {'with bad messages':<22} "
+                f"receiver/COPY {ratios['bad_vs_copy']:.2f} "
+                f"[{spread['bad_vs_copy'][0]:.2f}-{spread['bad_vs_copy'][1]:.2f}]  "
+                f"of clean {ratios['bad_vs_receiver']:.2f} "
+                f"[{spread['bad_vs_receiver'][0]:.2f}-{spread['bad_vs_receiver'][1]:.2f}]"
+            )
         summary["batches"].append(
             {
                 "batch_size": size,
@@ -376,6 +435,11 @@ async def run_benchmark(
     print(
         f"receiver configuration: {workload.configuration}; messages from {workload.devices} "
         f"devices in turn; gzip {'on' if workload.gzip_level is not None else 'off'}"
+        + (
+            f"; {BAD_RUN!r}: one message in {workload.bad_every} has a duplicate key"
+            if workload.bad_every
+            else ""
+        )
     )
     summary = report(runs, round_ratios)
     for batch in summary["batches"]:
@@ -398,6 +462,7 @@ async def run_benchmark(
         identity=workload.identity,
         configuration=workload.configuration,
         devices=workload.devices,
+        bad_every=workload.bad_every,
     )
     print(orjson.dumps(summary).decode())
     return summary

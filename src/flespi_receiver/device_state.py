@@ -84,11 +84,13 @@ WHERE d.message_id IS NULL
 
 
 def small_batch_statement(
-    effects: BatchEffects, insert: str, fold: DeviceFold, first_parameter: int
+    effects: BatchEffects, insert: str, fold: DeviceFold, first_parameter: int, also: str = ""
 ) -> tuple[str, list[Any]]:
     """One statement for a small batch: `insert` (INSERT ... RETURNING id, taking $1 as the
     stream), the device state and the NOTIFY; returns the stored count, first and last id.
-    The added arguments are numbered from `first_parameter`."""
+    `also`: another data-modifying statement run by the same one (the batch's quarantined
+    content), its parameters numbered before `first_parameter`. The added arguments are
+    numbered from `first_parameter`."""
     parts = ["count(*)", "min(id)", "max(id)"]
     args: list[Any] = []
     if effects.device_state and (fold.latest or fold.every):
@@ -106,7 +108,9 @@ def small_batch_statement(
         )
         args.append(effects.notify_channel)
     # only constants and numbered parameters go into the text
-    return f"WITH stored AS ({insert}) SELECT {', '.join(parts)} FROM stored", args  # noqa: S608
+    # a data-modifying WITH query runs to completion whether or not the query reads it
+    queries = f"also AS ({also}), stored AS ({insert})" if also else f"stored AS ({insert})"
+    return f"WITH {queries} SELECT {', '.join(parts)} FROM stored", args  # noqa: S608
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,9 +1,10 @@
 """Decoding a batch body into messages that can be stored and messages that must be quarantined.
 
 Every element is judged on its own (judge_element). The fast path splits the body with
-msgspec and stores every element in one go, as long as none must be quarantined; otherwise
-the careful path splits the array itself (json_scan), so that one broken element never sinks
-the others, and keeps the good messages and the rejected content apart.
+msgspec and stores every element in one go, setting aside the elements that must be
+quarantined (up to MAX_REJECTED_ELEMENTS); a body msgspec can't split goes the careful way:
+the array is split by json_scan, so that one broken element never sinks the others, and the
+good messages and the rejected content are kept apart.
 """
 
 from __future__ import annotations
@@ -94,18 +95,25 @@ def decode_batch(body: bytes, fields: MessageFields = DEFAULT_FIELDS) -> Decoded
 
 
 def exact_messages(
-    elements: Iterable[msgspec.Raw | bytes], fields: MessageFields = DEFAULT_FIELDS
+    elements: Iterable[msgspec.Raw | bytes],
+    fields: MessageFields = DEFAULT_FIELDS,
+    rejected: list[Rejected] | None = None,
 ) -> Iterator[Message]:
     """Each element as a message, each judged on its own (see judge_element).
 
-    Raises NotExact at the first element that must be quarantined. Lazy, so that the first
-    messages can be on their way to PostgreSQL while later ones are checked.
+    An element that must be quarantined is appended to `rejected` and left out; raises
+    NotExact at the first one when `rejected` is None, and at the one after
+    MAX_REJECTED_ELEMENTS (such a body is kept whole, by the careful path). Lazy, so that the
+    first messages can be on their way to PostgreSQL while later ones are checked.
     """
     for element in elements:
         # comparing bytes to bytes is much faster than to a memoryview
         verdict = judge_element(bytes(element), fields.large_names)
         if isinstance(verdict, Rejected):
-            raise NotExact
+            if rejected is None or len(rejected) >= MAX_REJECTED_ELEMENTS:
+                raise NotExact
+            rejected.append(verdict)
+            continue
         _derive_columns(verdict, fields)
         yield verdict
 

@@ -73,6 +73,8 @@ def record_reply(
         stored=result.stored if result else 0,
         duplicates=result.duplicates if result else 0,
         rejected=result.rejected if result else 0,
+        # how the batch was stored: insert, copy, streamed (COPY as it arrived) or careful
+        **({"path": result.path} if result else {}),
         **({"duration_ms": round(duration * 1000, 2)} if duration is not None else {}),
         **({"reason": reason} if status != 200 else {}),
         **({"exc_info": failure} if failure is not None else {}),

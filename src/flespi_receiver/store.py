@@ -75,6 +75,13 @@ SELECT $1, * FROM unnest($2::bytea[], $3::text[], $4::bytea[])
 ON CONFLICT (stream, raw_hash) DO NOTHING
 """
 
+# The same, run by a small batch's one statement beside its INSERT (small_batch_statement)
+INSERT_REJECTED_ALSO = """
+INSERT INTO rejected_messages (stream, raw, reason, raw_hash)
+SELECT $1, * FROM unnest($12::bytea[], $13::text[], $14::bytea[])
+ON CONFLICT (stream, raw_hash) DO NOTHING
+"""
+
 QUARANTINED = """
 SELECT raw_hash FROM rejected_messages WHERE stream = $1 AND raw_hash = ANY($2::bytea[])
 """
@@ -87,12 +94,18 @@ SMALL_BATCH = 50
 THREADED_DECODE = 1024 * 1024
 
 
+# how a batch was stored (StoreResult.path, the `path` of its `batch` log line): one INSERT
+# statement, one COPY of the whole body, one COPY while the body arrived, or message by message
+INSERT_PATH, COPY_PATH, STREAMED_PATH, CAREFUL_PATH = "insert", "copy", "streamed", "careful"
+
+
 @dataclass(frozen=True, slots=True)
 class StoreResult:
     messages: int
     stored: int
     duplicates: int
     rejected: int
+    path: str = CAREFUL_PATH
 
 
 def _record(stream: str, message: Message) -> tuple[Any, ...]:
@@ -160,15 +173,18 @@ async def _store_batch(
         arrival = body.remaining()
         limit = None if command_timeout is None else client_timeout(arrival + command_timeout)
         fold = DeviceFold(effects.merge)
-        rows = _streamed_rows(stream, body, fields, fold)
+        # content that must be quarantined, set aside while the rest is copied; a stream that
+        # refuses such content takes the careful way, which decides between 400 and 422
+        set_aside: list[Rejected] | None = [] if quarantine else None
+        rows = _streamed_rows(stream, body, fields, fold, set_aside)
         streamed = await _copy_optimistically(
-            conn, stream, rows, fold, effects, limit, command_timeout, arrival
+            conn, stream, rows, fold, effects, limit, command_timeout, arrival, set_aside
         )
         if streamed is not None:
-            return StoreResult(messages=streamed, stored=streamed, duplicates=0, rejected=0)
+            return _copied(streamed, set_aside, STREAMED_PATH)
         await rows.aclose()  # lets go of what the splitter held before the body is joined
         body = await body.read_all()
-    optimistic = await _store_optimistically(conn, stream, body, fields, effects)
+    optimistic = await _store_optimistically(conn, stream, body, fields, effects, quarantine)
     if optimistic is not None:
         return optimistic
     # a large body's careful decoding takes seconds: in a thread, the other streams go on
@@ -199,6 +215,14 @@ async def _store_batch(
     )
 
 
+def _copied(stored: int, rejected: list[Rejected] | None, path: str) -> StoreResult:
+    """A batch stored by one COPY: every message new, the set-aside content quarantined."""
+    count = len(rejected) if rejected else 0
+    return StoreResult(
+        messages=stored + count, stored=stored, duplicates=0, rejected=count, path=path
+    )
+
+
 def _fold(messages: Iterable[Message], effects: BatchEffects) -> DeviceFold:
     fold = DeviceFold(effects.merge)
     if effects.device_state:
@@ -217,41 +241,64 @@ async def _finish(
 
 
 async def _store_optimistically(
-    conn: Connection, stream: str, body: bytes, fields: MessageFields, effects: BatchEffects
+    conn: Connection,
+    stream: str,
+    body: bytes,
+    fields: MessageFields,
+    effects: BatchEffects,
+    quarantine: bool = True,
 ) -> StoreResult | None:
-    """The common case: every message valid and exactly re-encodable. None: be careful."""
+    """The common case: a JSON array whose elements are valid and exactly re-encodable
+    messages, or content quarantined beside them in the same transaction (`quarantine`; up to
+    MAX_REJECTED_ELEMENTS elements). None: be careful."""
     elements = split_elements(body)
     if elements is None:
         return None
+    set_aside: list[Rejected] | None = [] if quarantine else None
     if len(elements) > SMALL_BATCH:
         fold = DeviceFold(effects.merge)
-        copy_data = _as_async(copy_chunks(stream, exact_messages(elements, fields), fold))
-        stored = await _copy_optimistically(conn, stream, copy_data, fold, effects)
-        if stored is None:
-            return None
-        return StoreResult(messages=stored, stored=stored, duplicates=0, rejected=0)
+        messages = exact_messages(elements, fields, set_aside)
+        copy_data = _as_async(copy_chunks(stream, messages, fold))
+        stored = await _copy_optimistically(
+            conn, stream, copy_data, fold, effects, rejected=set_aside
+        )
+        return None if stored is None else _copied(stored, set_aside, COPY_PATH)
     # a small batch: one INSERT statement, atomic on its own, costs one round trip where COPY
     # in a transaction costs four
     records: list[tuple[Any, ...]] = []
 
     async def insert() -> int:
         fold = DeviceFold(effects.merge)
-        for message in exact_messages(elements, fields):
+        for message in exact_messages(elements, fields, set_aside):
             records.append(_record(stream, message))
             if effects.device_state:
                 fold.add(message, message.columns, message.identity)
         if not records:
+            if set_aside:
+                await _store_rejected(conn, stream, set_aside)
             return 0
-        statement, extra = small_batch_statement(effects, INSERT_MESSAGES, fold, 12)
         arrays = [list(column) for column in zip(*records, strict=True)][1:]
+        if set_aside:
+            # the quarantined content goes in with the rows, by the same statement
+            statement, extra = small_batch_statement(
+                effects, INSERT_MESSAGES, fold, 15, also=INSERT_REJECTED_ALSO
+            )
+            arrays += _rejected_arrays(set_aside)
+        else:
+            statement, extra = small_batch_statement(effects, INSERT_MESSAGES, fold, 12)
         stored = await conn.fetchval(statement, stream, *arrays, *extra)
         return int(stored)
 
     stored = await _unless_careful(insert())
     if stored is None:
         return None
+    rejected = len(set_aside) if set_aside else 0
     return StoreResult(
-        messages=len(records), stored=stored, duplicates=len(records) - stored, rejected=0
+        messages=len(records) + rejected,
+        stored=stored,
+        duplicates=len(records) - stored,
+        rejected=rejected,
+        path=INSERT_PATH,
     )
 
 
@@ -264,13 +311,15 @@ async def _copy_optimistically(
     limit: float | None = None,
     command_timeout: float | None = None,
     arrival: float = 0.0,
+    rejected: list[Rejected] | None = None,
 ) -> int | None:
     """The common case, in one COPY: every message is new, valid and exactly re-encodable.
 
     Messages are checked and encoded (and folded per device) while the first ones are already
-    on their way to PostgreSQL. In a transaction of its own with the device state and NOTIFY,
-    committed on success; returns how many rows were stored, or None, having stored nothing,
-    when the careful path is needed.
+    on their way to PostgreSQL. In a transaction of its own with the content set aside in
+    `rejected` while the data was made (quarantined), the device state and NOTIFY, committed
+    on success; returns how many rows were stored, or None, having stored nothing, when the
+    careful path is needed.
     With `command_timeout`, the data arrives with a body (`arrival` seconds left for it):
     PostgreSQL's own limits are set for that (timeouts.bound_streamed).
     """
@@ -280,6 +329,8 @@ async def _copy_optimistically(
             if command_timeout is not None:
                 await bound_streamed(conn, command_timeout, arrival)
             stored = await _copy(conn, copy_data, limit)
+            if rejected:  # complete now: the COPY has read all its data
+                await _store_rejected(conn, stream, rejected)
             if stored:
                 await _finish(conn, stream, effects, fold, Stored.copied(fold))
             return stored
@@ -288,20 +339,26 @@ async def _copy_optimistically(
 
 
 async def _streamed_rows(
-    stream: str, body: BodyReader, fields: MessageFields, fold: DeviceFold
+    stream: str,
+    body: BodyReader,
+    fields: MessageFields,
+    fold: DeviceFold,
+    rejected: list[Rejected] | None = None,
 ) -> AsyncGenerator[bytes | memoryview, None]:
     """The COPY data of a body that is still arriving, encoded as its messages come in:
-    PostgreSQL works on the first rows while the rest of the body is on its way."""
+    PostgreSQL works on the first rows while the rest of the body is on its way. Content to
+    quarantine is appended to `rejected` (see exact_messages)."""
     splitter = ElementSplitter()
     field = stream_field(stream)
     yield HEADER
     async for data in body.chunks():
-        for chunk in row_chunks(field, exact_messages(splitter.feed(data), fields), fold):
+        messages = exact_messages(splitter.feed(data), fields, rejected)
+        for chunk in row_chunks(field, messages, fold):
             yield chunk
         if splitter.pending > LARGE_ELEMENT and body.make_room_for_large is not None:
             await body.make_room_for_large()
             body.make_room_for_large = None
-    for chunk in row_chunks(field, exact_messages(splitter.finish(), fields), fold):
+    for chunk in row_chunks(field, exact_messages(splitter.finish(), fields, rejected), fold):
         yield chunk
     yield TRAILER
 
@@ -461,6 +518,16 @@ async def _quarantined(conn: Connection, stream: str, raws: list[bytes]) -> set[
     return {row[0] for row in found}
 
 
+def _rejected_arrays(rejected: Iterable[Rejected]) -> list[list[Any]]:
+    """INSERT_REJECTED's arrays: raw, reason, raw_hash."""
+    items = list(rejected)
+    return [
+        [item.raw for item in items],
+        [item.reason for item in items],
+        [identity_of(item.raw) for item in items],
+    ]
+
+
 async def _store_rejected(conn: Connection, stream: str, rejected: Iterable[Rejected]) -> None:
     items = []
     for item in rejected:
@@ -468,15 +535,8 @@ async def _store_rejected(conn: Connection, stream: str, rejected: Iterable[Reje
             await _store_large_rejected(conn, stream, item)
         else:
             items.append(item)
-    if not items:
-        return
-    await conn.execute(
-        INSERT_REJECTED,
-        stream,
-        [item.raw for item in items],
-        [item.reason for item in items],
-        [identity_of(item.raw) for item in items],
-    )
+    if items:
+        await conn.execute(INSERT_REJECTED, stream, *_rejected_arrays(items))
 
 
 async def _store_large_rejected(conn: Connection, stream: str, item: Rejected) -> None:

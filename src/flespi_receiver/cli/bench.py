@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from flespi_receiver.cli.arguments import integer
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command
 from flespi_receiver.errors import CommandFailed
 from flespi_receiver.identity import IDENTITIES
@@ -81,6 +82,14 @@ def register(commands: Subcommands) -> None:
         default=5000,
         help="distinct devices the messages come from, in turn: a batch holds "
         "min(batch size, devices) of them (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--bad-every",
+        type=integer(1),
+        metavar="N",
+        help="also the receiver, in the same rounds, on the same messages with one in N made "
+        "invalid (a duplicate key) on a stream of its own: N = batch size is one bad message "
+        "per batch",
     )
     bench.add_argument(
         "--rounds",
@@ -167,5 +176,6 @@ async def _bench_on(url: str, args: argparse.Namespace) -> None:
             gzip_level=6 if args.gzip else None,
             spelling=args.spelling,
             identity=args.identity,
+            bad_every=args.bad_every,
         )
         await bench.run_benchmark(url, sizes, args.count, workload, args.rounds)
