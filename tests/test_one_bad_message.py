@@ -198,22 +198,28 @@ async def test_bad_content_sent_before_is_kept_once_and_counted_again(
     assert await db.fetchval("SELECT array_agg(raw) FROM rejected_messages") == [bad]
 
 
-async def test_copies_of_a_message_beside_a_bad_one_are_counted_as_before(
-    receiver: ClientFactory, db: asyncpg.Connection
+@pytest.mark.parametrize("transport", ["copy", "streamed", "chunked-gzip"])
+async def test_copies_of_a_message_within_a_batch_cost_only_themselves(
+    receiver: ClientFactory, db: asyncpg.Connection, transport: str
 ) -> None:
     client = await receiver()
-    size, how = TRANSPORTS["copy"]
+    size, how = TRANSPORTS[transport]
     good = good_messages(size)
     bad, _ = BAD["number"]
-    # the same message twice: the careful path, which keeps one, as for a batch of good ones
+    # the same message twice beside a bad one: one kept, the copy counted as a duplicate, and
+    # the batch stays on the fast path
     status, reply, path = await send(client, with_bad([*good, good[3]], bad, "middle"), how)
     assert (status, reply, path) == (
         200,
         {"stored": size, "duplicates": 1, "rejected": 1},
-        "careful",
+        PATHS[transport],
     )
     assert await count(db) == size
     assert await count(db, "rejected_messages") == 1
+    # sent again: every message is a duplicate now, nothing stored twice
+    status, reply, _ = await send(client, with_bad([*good, good[3]], bad, "middle"), how)
+    assert (status, reply) == (200, {"stored": 0, "duplicates": size + 1, "rejected": 1})
+    assert await count(db) == size
 
 
 def test_the_transports_reach_the_paths_they_are_named_after() -> None:

@@ -109,16 +109,39 @@ def stream_field(stream: str) -> bytes:
     return _text(stream)
 
 
+class Distinct:
+    """The identities of the rows a batch's COPY holds so far: a copy of a message within the
+    batch is counted in `repeated`, not sent (it would fail the COPY on the unique key)."""
+
+    def __init__(self) -> None:
+        self.identities: set[bytes] = set()
+        self.repeated = 0
+
+    def first(self, identity: bytes) -> bool:
+        """Whether this is the first message of the batch with this identity."""
+        if identity in self.identities:
+            self.repeated += 1
+            return False
+        self.identities.add(identity)
+        return True
+
+
 def row_chunks(
-    stream_field: bytes, messages: Iterable[Message], fold: DeviceFold | None = None
+    stream_field: bytes,
+    messages: Iterable[Message],
+    fold: DeviceFold | None = None,
+    distinct: Distinct | None = None,
 ) -> Iterator[bytes | memoryview]:
     """Rows for `messages` (no header or trailer), in chunks of about CHUNK_SIZE bytes; the
     first is smaller, so that PostgreSQL starts on the first rows at once. A payload larger
-    than a chunk is sent in slices of itself, never copied into a row."""
+    than a chunk is sent in slices of itself, never copied into a row. With `distinct`, a
+    message whose identity an earlier one had is left out and counted there."""
     parts: list[bytes] = []
     size = 0
     limit = FIRST_CHUNK_SIZE
     for message in messages:
+        if distinct is not None and not distinct.first(message.identity):
+            continue
         if fold is not None:
             fold.add(message, message.columns, message.identity)
         if len(message.raw) > CHUNK_SIZE:
@@ -153,9 +176,12 @@ def rejected_chunks(
 
 
 def copy_chunks(
-    stream: str, messages: Iterable[Message], fold: DeviceFold | None = None
+    stream: str,
+    messages: Iterable[Message],
+    fold: DeviceFold | None = None,
+    distinct: Distinct | None = None,
 ) -> Iterator[bytes | memoryview]:
     """The whole COPY data for `messages`: header, rows in chunks, trailer."""
     yield HEADER
-    yield from row_chunks(stream_field(stream), messages, fold)
+    yield from row_chunks(stream_field(stream), messages, fold, distinct)
     yield TRAILER

@@ -18,6 +18,7 @@ from flespi_receiver.copy_format import (
     HEADER,
     REJECTED_COLUMNS,
     TRAILER,
+    Distinct,
     copy_chunks,
     rejected_chunks,
     row_chunks,
@@ -176,12 +177,13 @@ async def _store_batch(
         # content that must be quarantined, set aside while the rest is copied; a stream that
         # refuses such content takes the careful way, which decides between 400 and 422
         set_aside: list[Rejected] | None = [] if quarantine else None
-        rows = _streamed_rows(stream, body, fields, fold, set_aside)
+        distinct = Distinct()  # a copy of a message within the batch is counted, not stored
+        rows = _streamed_rows(stream, body, fields, fold, set_aside, distinct)
         streamed = await _copy_optimistically(
             conn, stream, rows, fold, effects, limit, command_timeout, arrival, set_aside
         )
         if streamed is not None:
-            return _copied(streamed, set_aside, STREAMED_PATH)
+            return _copied(streamed, set_aside, STREAMED_PATH, distinct.repeated)
         await rows.aclose()  # lets go of what the splitter held before the body is joined
         body = await body.read_all()
     optimistic = await _store_optimistically(conn, stream, body, fields, effects, quarantine)
@@ -215,11 +217,18 @@ async def _store_batch(
     )
 
 
-def _copied(stored: int, rejected: list[Rejected] | None, path: str) -> StoreResult:
-    """A batch stored by one COPY: every message new, the set-aside content quarantined."""
+def _copied(
+    stored: int, rejected: list[Rejected] | None, path: str, repeated: int
+) -> StoreResult:
+    """A batch stored by one COPY: every message new (`repeated` copies of some within the
+    batch counted as duplicates), the set-aside content quarantined."""
     count = len(rejected) if rejected else 0
     return StoreResult(
-        messages=stored + count, stored=stored, duplicates=0, rejected=count, path=path
+        messages=stored + count + repeated,
+        stored=stored,
+        duplicates=repeated,
+        rejected=count,
+        path=path,
     )
 
 
@@ -258,11 +267,14 @@ async def _store_optimistically(
     if len(elements) > SMALL_BATCH:
         fold = DeviceFold(effects.merge)
         messages = exact_messages(elements, fields, set_aside)
-        copy_data = _as_async(copy_chunks(stream, messages, fold))
+        distinct = Distinct()
+        copy_data = _as_async(copy_chunks(stream, messages, fold, distinct))
         stored = await _copy_optimistically(
             conn, stream, copy_data, fold, effects, rejected=set_aside
         )
-        return None if stored is None else _copied(stored, set_aside, COPY_PATH)
+        if stored is None:
+            return None
+        return _copied(stored, set_aside, COPY_PATH, distinct.repeated)
     # a small batch: one INSERT statement, atomic on its own, costs one round trip where COPY
     # in a transaction costs four
     records: list[tuple[Any, ...]] = []
@@ -344,6 +356,7 @@ async def _streamed_rows(
     fields: MessageFields,
     fold: DeviceFold,
     rejected: list[Rejected] | None = None,
+    distinct: Distinct | None = None,
 ) -> AsyncGenerator[bytes | memoryview, None]:
     """The COPY data of a body that is still arriving, encoded as its messages come in:
     PostgreSQL works on the first rows while the rest of the body is on its way. Content to
@@ -353,12 +366,13 @@ async def _streamed_rows(
     yield HEADER
     async for data in body.chunks():
         messages = exact_messages(splitter.feed(data), fields, rejected)
-        for chunk in row_chunks(field, messages, fold):
+        for chunk in row_chunks(field, messages, fold, distinct):
             yield chunk
         if splitter.pending > LARGE_ELEMENT and body.make_room_for_large is not None:
             await body.make_room_for_large()
             body.make_room_for_large = None
-    for chunk in row_chunks(field, exact_messages(splitter.finish(), fields, rejected), fold):
+    last = exact_messages(splitter.finish(), fields, rejected)
+    for chunk in row_chunks(field, last, fold, distinct):
         yield chunk
     yield TRAILER
 
