@@ -217,9 +217,7 @@ async def _store_batch(
     )
 
 
-def _copied(
-    stored: int, rejected: list[Rejected] | None, path: str, repeated: int
-) -> StoreResult:
+def _copied(stored: int, rejected: list[Rejected] | None, path: str, repeated: int) -> StoreResult:
     """A batch stored by one COPY: every message new (`repeated` copies of some within the
     batch counted as duplicates), the set-aside content quarantined."""
     count = len(rejected) if rejected else 0
