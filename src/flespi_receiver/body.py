@@ -124,9 +124,16 @@ class BodyReader:
         self._complete = False
         self.received = 0  # bytes as sent
         self.size = 0  # bytes after decompression
-        # waits until the receiver has room for a body holding a large element (or raises
+        # waits until the receiver has room for a body that costs several times its size: one
+        # holding a large element, or one read whole for the careful path (else raises
         # BodyTooBusy); None: no such accounting
-        self.make_room_for_large: Callable[[], Awaitable[None]] | None = None
+        self.make_room: Callable[[], Awaitable[None]] | None = None
+
+    async def take_more_room(self) -> None:
+        """Count this body as several in flight (see make_room), once."""
+        if self.make_room is not None:
+            make_room, self.make_room = self.make_room, None
+            await make_room()
 
     def remaining(self) -> float:
         """Seconds left for the body to arrive (0 once past its deadline)."""

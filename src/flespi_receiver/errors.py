@@ -59,8 +59,9 @@ class ShutdownTimeout(BodyError):
 
 
 class BodyTooBusy(BodyError):
-    """A body turned out to hold a large element and the bodies in flight left no room for
-    what judging it costs (server.bodies_in_flight) within database.acquire_timeout."""
+    """A body turned out to cost several times its size (a large element, or the careful
+    path) and the bodies in flight left no room for that (server.bodies_in_flight) within
+    database.acquire_timeout."""
 
 
 class BodyIncomplete(BodyError):

@@ -8,7 +8,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 import structlog
@@ -72,9 +72,13 @@ class Limits:
     bodies_allowed: int  # the semaphore's size: server.bodies_in_flight
     # at most this many of them for one stream (bodies_in_flight less one per other stream)
     bodies_per_stream: int = 1
-    # what a body holding one large element counts as (large_element.py): its text is held
-    # about three times while it arrives, is judged and is sent on (bench --memory-shapes)
-    large_body_slots: int = 3
+    # what a body that costs several times its size counts as: one holding a large element
+    # (large_element.py: its text is held about three times while it arrives, is judged and
+    # is sent on) or one read whole for the careful path (the body joined, each message
+    # apart); bench --memory-shapes
+    costly_body_slots: int = 3
+    # one such body at a time takes its slots (see IngestHandler._answer)
+    costly: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def json_response(status: int, body: dict[str, object], **headers: str) -> web.Response:
@@ -241,27 +245,30 @@ class StreamEndpoint:
                     raise
         except TimeoutError:
             return self._busy(), None, 0
-        extra = 0
+        held = 1  # slots of bodies_in_flight this body holds
 
-        async def make_room_for_large() -> None:
-            # a body of a large element counts as several: the memory for bodies stays within
-            # max_body_size x bodies_in_flight
-            nonlocal extra
-            wanted = min(self.limits.large_body_slots, self.limits.bodies_allowed) - 1
+        async def make_room() -> None:
+            # a body that costs several times its size counts as several, so that the memory
+            # for bodies stays within max_body_size x bodies_in_flight. Two such bodies each
+            # holding a slot and waiting for more would wait for each other: the body gives
+            # its slot back, then takes them all, one such body at a time.
+            nonlocal held
+            limits = self.limits
+            wanted = min(limits.costly_body_slots, limits.bodies_allowed)
+            limits.bodies_in_flight.release()
+            held -= 1
             try:
-                async with asyncio.timeout(self.pool_limits.acquire_timeout):
-                    while extra < wanted:
-                        await self.limits.bodies_in_flight.acquire()
-                        extra += 1
+                async with asyncio.timeout(self.pool_limits.acquire_timeout), limits.costly:
+                    while held < wanted:
+                        await limits.bodies_in_flight.acquire()
+                        held += 1
             except TimeoutError:
                 raise BodyTooBusy from None
 
         try:
-            return await self._receive_and_store(
-                request, stream, coding, bound, make_room_for_large
-            )
+            return await self._receive_and_store(request, stream, coding, bound, make_room)
         finally:
-            for _ in range(extra + 1):
+            for _ in range(held):
                 self.limits.bodies_in_flight.release()
             self.stream_bodies.release()
 
@@ -271,7 +278,7 @@ class StreamEndpoint:
         stream: StreamSettings,
         coding: str,
         bound: structlog.typing.FilteringBoundLogger,
-        make_room_for_large: Callable[[], Awaitable[None]],
+        make_room: Callable[[], Awaitable[None]],
     ) -> tuple[web.Response, StoreResult | None, int]:
         if request.headers.get("Expect") is not None:
             # everything that could refuse the request has had its say and a slot for the body
@@ -285,7 +292,7 @@ class StreamEndpoint:
         reader = BodyReader(
             request.content, coding, limits.max_body_size, limits.body_timeout, limits.min_body_rate
         )
-        reader.make_room_for_large = make_room_for_large
+        reader.make_room = make_room
         try:
             # a large body is stored as it arrives; a small one is read whole first. The size
             # that counts is the decoded one: a small gzip or chunked body may be a large one
@@ -309,8 +316,9 @@ class StreamEndpoint:
         except BodyTooBusy:
             reply = error_response(
                 503,
-                "a body holding a large message counts as several bodies in flight and there "
-                "was no room for it (server.bodies_in_flight); nothing was stored",
+                "a body holding a large message, or one stored message by message (a resent "
+                "batch), counts as several bodies in flight and there was no room for it "
+                "(server.bodies_in_flight); nothing was stored",
                 **{"Retry-After": "1"},
             )
             return _broken(reply), None, reader.received

@@ -185,10 +185,15 @@ async def _store_batch(
         if streamed is not None:
             return _copied(streamed, set_aside, STREAMED_PATH, distinct.repeated)
         await rows.aclose()  # lets go of what the splitter held before the body is joined
+        # the careful path holds the body joined and each message apart: room for that first
+        await body.take_more_room()
         body = await body.read_all()
-    optimistic = await _store_optimistically(conn, stream, body, fields, effects, quarantine)
-    if optimistic is not None:
-        return optimistic
+    else:
+        optimistic = await _store_optimistically(conn, stream, body, fields, effects, quarantine)
+        if optimistic is not None:
+            return optimistic
+    # (a body stored while it arrived that needs care would need it again as a whole: what
+    # stopped its COPY, a message stored before or refused, would stop that one too)
     # a large body's careful decoding takes seconds: in a thread, the other streams go on
     decoding = (
         asyncio.to_thread(decode_batch, body, fields) if len(body) > THREADED_DECODE else None
@@ -366,9 +371,8 @@ async def _streamed_rows(
         messages = exact_messages(splitter.feed(data), fields, rejected)
         for chunk in row_chunks(field, messages, fold, distinct):
             yield chunk
-        if splitter.pending > LARGE_ELEMENT and body.make_room_for_large is not None:
-            await body.make_room_for_large()
-            body.make_room_for_large = None
+        if splitter.pending > LARGE_ELEMENT:
+            await body.take_more_room()
     last = exact_messages(splitter.finish(), fields, rejected)
     for chunk in row_chunks(field, last, fold, distinct):
         yield chunk
