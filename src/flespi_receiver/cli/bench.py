@@ -12,7 +12,7 @@ from flespi_receiver.cli.arguments import integer
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command
 from flespi_receiver.errors import CommandFailed
 from flespi_receiver.identity import IDENTITIES
-from flespi_receiver.spellings import SPELLINGS
+from flespi_receiver.spellings import SPELLINGS, Spelling
 
 DEFAULT_DATA_DIR = Path(".data/bench-postgres")
 
@@ -47,11 +47,14 @@ def register(commands: Subcommands) -> None:
     bench.add_argument("--gzip", action="store_true", help="gzip the request bodies")
     bench.add_argument(
         "--spelling",
-        choices=SPELLINGS,
-        default="compact",
+        choices=(*SPELLINGS, "all"),
+        action="append",
+        dest="spellings",
         help="how the receivers' bodies spell the JSON: compact (as orjson writes it), spaced "
         "(json.dumps defaults), escaped (non-ASCII as \\uXXXX, / as \\/), pretty (indented); "
-        "COPY gets the same rows whatever the spelling (default: %(default)s)",
+        "COPY gets the same rows whatever the spelling (default: compact). Repeat it, or say "
+        "all, to compare spellings in one run: their turns interleaved round by round, each "
+        "one's rate as a fraction of compact's",
     )
     bench.add_argument(
         "--identity",
@@ -170,12 +173,27 @@ async def _bench_on(url: str, args: argparse.Namespace) -> None:
     elif args.memory:
         await bench_scale.memory_profile(url, args.memory, args.max_body_size)
     else:
+        spellings = _spellings(args.spellings)
         workload = bench.Workload(
             configuration=args.configuration,
             devices=args.devices,
             gzip_level=6 if args.gzip else None,
-            spelling=args.spelling,
+            spelling=spellings[0],
             identity=args.identity,
             bad_every=args.bad_every,
         )
-        await bench.run_benchmark(url, sizes, args.count, workload, args.rounds)
+        if len(spellings) > 1:
+            from flespi_receiver import bench_spelling
+
+            await bench_spelling.run_spelling_benchmark(
+                url, spellings, sizes[0], args.count, workload, args.rounds
+            )
+        else:
+            await bench.run_benchmark(url, sizes, args.count, workload, args.rounds)
+
+
+def _spellings(chosen: list[str] | None) -> list[Spelling]:
+    """The spellings asked for, each once, in SPELLINGS' order; compact when none."""
+    if not chosen:
+        return ["compact"]
+    return [s for s in SPELLINGS if s in chosen or "all" in chosen]

@@ -1,0 +1,203 @@
+"""`flespi-receiver bench --spelling all`: every JSON spelling against compact, in one run.
+
+One receiver process with one stream per spelling; in each round COPY (the database's limit)
+and the receiver fed each spelling take turns of TURN_MESSAGES messages, in rotating order,
+on the same messages and fresh tables. Each spelling's rate is given as a fraction of the
+compact rate of the same round, so that the machine's load, which changes from one minute to
+the next on a shared machine, hits every spelling alike. Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+
+from flespi_receiver.bench import (
+    CONFIGURATIONS,
+    COPY_RUN,
+    SCHEMA,
+    TOKEN,
+    TURN_MESSAGES,
+    Workload,
+    copy_batch,
+    copy_batches,
+    prepare_database,
+    process,
+    reset_tables,
+    wait_for_port,
+)
+from flespi_receiver.embedded import free_port
+from flespi_receiver.emulator import StreamEmulator, batches_of, encode_messages, sample_messages
+from flespi_receiver.progress import progress_bar
+from flespi_receiver.spellings import Spelling, spelled
+
+
+def spelling_config(directory: Path, url: str, port: int, workload: Workload) -> Path:
+    """The receiver's config: one stream per spelling, at /<spelling>, all alike otherwise."""
+    streams = "".join(
+        f'[[streams]]\nname = "{name}"\npath = "/{name}"\nauthorization = ["{TOKEN}"]\n'
+        f'identity = "{workload.identity}"\n'
+        for name in ("compact", "spaced", "escaped", "pretty")
+    )
+    config = directory / "bench-spelling.toml"
+    config.write_text(
+        f'[server]\nport = {port}\nmax_body_size = {512 * 1024 * 1024}\n[log]\nformat = "json"\n'
+        f'[database]\nurl = "{url}"\nschema = "{SCHEMA}"\n{CONFIGURATIONS[workload.configuration]}'
+        f"{streams}"
+    )
+    return config
+
+
+async def spelling_round(
+    url: str,
+    spellings: Sequence[Spelling],
+    size: int,
+    count: int,
+    workload: Workload,
+    workdir: Path,
+    round_number: int,
+) -> dict[str, float]:
+    """One round: messages per second of COPY and of the receiver fed each spelling."""
+    messages = sample_messages(count, seed=size, devices=workload.devices)
+    encoded = encode_messages(messages)
+    batches: dict[str, list[Sequence[bytes]]] = {
+        s: list(batches_of(encoded if s == "compact" else [spelled(m, s) for m in messages], size))
+        for s in spellings
+    }
+    copy_data = copy_batches(encoded, size)
+    port = free_port()
+    config = spelling_config(workdir, url, port, workload)
+    serve = [sys.executable, "-m", "flespi_receiver", "serve", "--config", str(config)]
+    conn = await asyncpg.connect(url, server_settings={"synchronous_commit": "on"})
+    try:
+        await reset_tables(conn)
+        with process(serve) as proc:
+            await wait_for_port(port, proc)
+            emulators: dict[str, StreamEmulator] = {
+                s: StreamEmulator(
+                    f"http://127.0.0.1:{port}/{s}",
+                    authorization=TOKEN,
+                    gzip_level=workload.gzip_level,
+                    max_attempts=20,
+                )
+                for s in spellings
+            }
+            names = [COPY_RUN, *spellings]
+            seconds = dict.fromkeys(names, 0.0)
+            per_turn = max(1, TURN_MESSAGES // size)
+            timeout = aiohttp.ClientTimeout(total=120)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                for turn, start in enumerate(range(0, len(copy_data), per_turn)):
+                    first = (turn + round_number) % len(names)
+                    for name in names[first:] + names[:first]:
+                        started = time.perf_counter()
+                        for number in range(start, min(start + per_turn, len(copy_data))):
+                            if name == COPY_RUN:
+                                await copy_batch(conn, copy_data[number])
+                            else:
+                                await emulators[name].deliver(session, batches[name][number])
+                        seconds[name] += time.perf_counter() - started
+        for name, emulator in emulators.items():
+            stats = emulator.stats
+            if stats.non_200 or stats.connection_errors or stats.stored != count:
+                raise RuntimeError(
+                    f"{name}: {stats.statuses}, {stats.connection_errors} connection errors, "
+                    f"{stats.stored} of {count} stored"
+                )
+        for table, expected in (("messages", count * len(spellings)), ("copy_reference", count)):
+            stored = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.{table}")  # noqa: S608
+            if stored != expected:
+                raise RuntimeError(f"{table} holds {stored} of {expected} messages")
+    finally:
+        await conn.close()
+    return {name: count / seconds[name] for name in names}
+
+
+def _median_range(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def spelling_report(
+    rounds: list[dict[str, float]], spellings: Sequence[Spelling], body_kb: dict[str, float]
+) -> dict[str, Any]:
+    """The table: per spelling its median rate, its rate over COPY's and over compact's of the
+    same round (median of the rounds, with their range)."""
+    header = (
+        f"{'spelling':<9} {'KB/batch':>8} {'msg/s':>8} {'receiver/COPY':>20} {'of compact':>20}"
+    )
+    print(header)
+    print("-" * len(header))
+    summary: dict[str, Any] = {"spellings": {}}
+    for spelling in spellings:
+        rates = [r[spelling] for r in rounds]
+        vs_copy = _median_range([r[spelling] / r[COPY_RUN] for r in rounds])
+        vs_compact = _median_range([r[spelling] / r["compact"] for r in rounds])
+        print(
+            f"{spelling:<9} {body_kb[spelling]:>8.0f} {statistics.median(rates):>8.0f} "
+            f"{vs_copy[0]:>7.2f} [{vs_copy[1]:.2f}-{vs_copy[2]:.2f}] "
+            f"{vs_compact[0]:>7.2f} [{vs_compact[1]:.2f}-{vs_compact[2]:.2f}]"
+        )
+        summary["spellings"][spelling] = {
+            "rate": round(statistics.median(rates)),
+            "body_kb": round(body_kb[spelling], 1),
+            "vs_copy": round(vs_copy[0], 3),
+            "of_compact": round(vs_compact[0], 3),
+            "rounds_of_compact": [round(r[spelling] / r["compact"], 3) for r in rounds],
+        }
+    copy_rates = [r[COPY_RUN] for r in rounds]
+    print(f"{'COPY':<9} {'':>8} {statistics.median(copy_rates):>8.0f}")
+    summary["copy_rate"] = round(statistics.median(copy_rates))
+    return summary
+
+
+async def run_spelling_benchmark(
+    admin_url: str,
+    spellings: Sequence[Spelling],
+    size: int,
+    count: int,
+    workload: Workload,
+    rounds: int = 3,
+) -> dict[str, Any]:
+    """Every spelling in `spellings` (compact is always one: the others are fractions of it),
+    batches of `size`, `count` messages per spelling and round."""
+    spellings = ["compact", *(s for s in spellings if s != "compact")]  # compact's turn first
+    url = await prepare_database(admin_url)
+    measured: list[dict[str, float]] = []
+    bar = progress_bar(rounds, "rounds", "benchmark")
+    with tempfile.TemporaryDirectory() as workdir, bar:
+        for number in range(1, rounds + 1):
+            bar.set_description(f"spellings, round {number}/{rounds}")
+            measured.append(
+                await spelling_round(url, spellings, size, count, workload, Path(workdir), number)
+            )
+            bar.update(1)
+    sample = sample_messages(size, seed=size, devices=workload.devices)
+    body_kb: dict[str, float] = {
+        s: sum(len(spelled(m, s)) + 1 for m in sample) / 1024 for s in spellings
+    }
+    print(
+        f"batch {size}; {count} messages per spelling and round; {rounds} rounds; receiver "
+        f"configuration: {workload.configuration}; gzip "
+        f"{'on' if workload.gzip_level is not None else 'off'}; identity {workload.identity}"
+    )
+    summary = spelling_report(measured, spellings, body_kb)
+    summary.update(
+        batch_size=size,
+        count=count,
+        rounds=rounds,
+        gzip=workload.gzip_level is not None,
+        identity=workload.identity,
+        configuration=workload.configuration,
+        devices=workload.devices,
+    )
+    print(orjson.dumps(summary).decode())
+    return summary
