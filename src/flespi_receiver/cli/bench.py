@@ -12,7 +12,7 @@ from flespi_receiver.cli.arguments import integer
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command
 from flespi_receiver.errors import CommandFailed
 from flespi_receiver.identity import IDENTITIES
-from flespi_receiver.spellings import SPELLINGS, Spelling
+from flespi_receiver.spellings import SPELLINGS
 
 DEFAULT_DATA_DIR = Path(".data/bench-postgres")
 
@@ -47,11 +47,12 @@ def register(commands: Subcommands) -> None:
     bench.add_argument("--gzip", action="store_true", help="gzip the request bodies")
     bench.add_argument(
         "--spelling",
-        choices=(*SPELLINGS, "all"),
+        choices=(*SPELLINGS, "bom", "all"),
         action="append",
         dest="spellings",
         help="how the receivers' bodies spell the JSON: compact (as orjson writes it), spaced "
-        "(json.dumps defaults), escaped (non-ASCII as \\uXXXX, / as \\/), pretty (indented); "
+        "(json.dumps defaults), escaped (non-ASCII as \\uXXXX, / as \\/), pretty (indented), bom "
+        "(compact, the body starting with a UTF-8 byte order mark); "
         "COPY gets the same rows whatever the spelling (default: compact). Repeat it, or say "
         "all, to compare spellings in one run: their turns interleaved round by round, each "
         "one's rate as a fraction of compact's",
@@ -178,11 +179,11 @@ async def _bench_on(url: str, args: argparse.Namespace) -> None:
             configuration=args.configuration,
             devices=args.devices,
             gzip_level=6 if args.gzip else None,
-            spelling=spellings[0],
+            spelling=next((s for s in SPELLINGS if s == spellings[0]), "compact"),
             identity=args.identity,
             bad_every=args.bad_every,
         )
-        if len(spellings) > 1:
+        if len(spellings) > 1 or spellings[0] == "bom":
             from flespi_receiver import bench_spelling
 
             await bench_spelling.run_spelling_benchmark(
@@ -192,8 +193,8 @@ async def _bench_on(url: str, args: argparse.Namespace) -> None:
             await bench.run_benchmark(url, sizes, args.count, workload, args.rounds)
 
 
-def _spellings(chosen: list[str] | None) -> list[Spelling]:
-    """The spellings asked for, each once, in SPELLINGS' order; compact when none."""
+def _spellings(chosen: list[str] | None) -> list[str]:
+    """The spellings asked for, each once, in SPELLINGS' order, bom last; compact when none."""
     if not chosen:
         return ["compact"]
-    return [s for s in SPELLINGS if s in chosen or "all" in chosen]
+    return [s for s in (*SPELLINGS, "bom") if s in chosen or "all" in chosen]
