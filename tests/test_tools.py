@@ -147,6 +147,7 @@ def test_bench_compares_spellings_in_one_run(pg_server: Server) -> None:
     assert list(spellings) == ["compact", "spaced", "escaped", "pretty", "bom"]
     assert spellings["compact"]["rounds_of_compact"] == [1.0, 1.0]
     assert all(s["of_compact"] > 0 and s["vs_copy"] > 0 for s in spellings.values())
+    assert all(s["cpu_ms_per_batch"] > 0 for s in spellings.values())
     # the same messages, spelled longer than compact
     assert spellings["compact"]["body_bytes"] < spellings["pretty"]["body_bytes"]
     assert spellings["compact"]["body_bytes"] < spellings["bom"]["body_bytes"]

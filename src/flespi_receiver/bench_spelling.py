@@ -9,12 +9,14 @@ the next on a shared machine, hits every spelling alike. Prints a table and one 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,25 @@ def _texts(messages: list[dict[str, Any]], encoded: list[bytes], variant: str) -
     return [spelled(m, variant) for m in messages]  # type: ignore[arg-type]
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process's threads have run so far, in seconds (from the scheduler's own
+    count in nanoseconds, /proc/<pid>/task/<tid>/schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+@dataclass
+class Round:
+    """One round: messages per second of COPY and of each spelling's turns, and the
+    receiver's CPU time per batch of each spelling, in milliseconds."""
+
+    rates: dict[str, float]
+    cpu_ms: dict[str, float]
+
+
 def spelling_config(directory: Path, url: str, port: int, workload: Workload) -> Path:
     """The receiver's config: one stream per variant, at /<variant>, all alike otherwise."""
     streams = "".join(
@@ -88,8 +109,8 @@ async def spelling_round(
     workload: Workload,
     workdir: Path,
     round_number: int,
-) -> dict[str, float]:
-    """One round: messages per second of COPY and of the receiver fed each spelling."""
+) -> Round:
+    """One round: COPY and the receiver fed each spelling take turns."""
     messages = sample_messages(count, seed=size, devices=workload.devices)
     encoded = encode_messages(messages)
     batches: dict[str, list[Sequence[bytes]]] = {
@@ -115,6 +136,7 @@ async def spelling_round(
             }
             names = [COPY_RUN, *spellings]
             seconds = dict.fromkeys(names, 0.0)
+            cpu = dict.fromkeys(spellings, 0.0)
             per_turn = max(1, TURN_MESSAGES // size)
             timeout = aiohttp.ClientTimeout(total=120)
             async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -122,12 +144,15 @@ async def spelling_round(
                     first = (turn + round_number) % len(names)
                     for name in names[first:] + names[:first]:
                         started = time.perf_counter()
+                        used = cpu_seconds(proc.pid)
                         for number in range(start, min(start + per_turn, len(copy_data))):
                             if name == COPY_RUN:
                                 await copy_batch(conn, copy_data[number])
                             else:
                                 await emulators[name].deliver(session, batches[name][number])
                         seconds[name] += time.perf_counter() - started
+                        if name != COPY_RUN:
+                            cpu[name] += cpu_seconds(proc.pid) - used
         for name, emulator in emulators.items():
             stats = emulator.stats
             if stats.non_200 or stats.connection_errors or stats.stored != count:
@@ -141,7 +166,10 @@ async def spelling_round(
                 raise RuntimeError(f"{table} holds {stored} of {expected} messages")
     finally:
         await conn.close()
-    return {name: count / seconds[name] for name in names}
+    return Round(
+        rates={name: count / seconds[name] for name in names},
+        cpu_ms={name: used * 1000 / len(copy_data) for name, used in cpu.items()},
+    )
 
 
 def _median_range(values: list[float]) -> tuple[float, float, float]:
@@ -149,35 +177,43 @@ def _median_range(values: list[float]) -> tuple[float, float, float]:
 
 
 def spelling_report(
-    rounds: list[dict[str, float]], spellings: Sequence[str], body_bytes: dict[str, int]
+    rounds: list[Round], spellings: Sequence[str], body_bytes: dict[str, int]
 ) -> dict[str, Any]:
     """The table: per spelling its median rate, its rate over COPY's and over compact's of the
-    same round (median of the rounds, with their range)."""
+    same round (median of the rounds, with their range), and the receiver's CPU time per
+    batch (median of the rounds), also over compact's."""
     header = (
-        f"{'spelling':<9} {'KB/batch':>8} {'msg/s':>8} {'receiver/COPY':>20} {'of compact':>20}"
+        f"{'spelling':<9} {'KB/batch':>8} {'msg/s':>8} {'receiver/COPY':>18} "
+        f"{'of compact':>18} {'CPU ms/batch':>13} {'of compact':>10}"
     )
     print(header)
     print("-" * len(header))
     summary: dict[str, Any] = {"spellings": {}}
     for spelling in spellings:
-        rates = [r[spelling] for r in rounds]
-        vs_copy = _median_range([r[spelling] / r[COPY_RUN] for r in rounds])
-        vs_compact = _median_range([r[spelling] / r["compact"] for r in rounds])
+        rate = statistics.median(r.rates[spelling] for r in rounds)
+        vs_copy = _median_range([r.rates[spelling] / r.rates[COPY_RUN] for r in rounds])
+        of_compact = [r.rates[spelling] / r.rates["compact"] for r in rounds]
+        vs_compact = _median_range(of_compact)
+        cpu = statistics.median(r.cpu_ms[spelling] for r in rounds)
+        cpu_of_compact = statistics.median(r.cpu_ms[spelling] / r.cpu_ms["compact"] for r in rounds)
         print(
-            f"{spelling:<9} {body_bytes[spelling] / 1024:>8.0f} {statistics.median(rates):>8.0f} "
-            f"{vs_copy[0]:>7.2f} [{vs_copy[1]:.2f}-{vs_copy[2]:.2f}] "
-            f"{vs_compact[0]:>7.2f} [{vs_compact[1]:.2f}-{vs_compact[2]:.2f}]"
+            f"{spelling:<9} {body_bytes[spelling] / 1024:>8.0f} {rate:>8.0f} "
+            f"{vs_copy[0]:>5.2f} [{vs_copy[1]:.2f}-{vs_copy[2]:.2f}] "
+            f"{vs_compact[0]:>5.2f} [{vs_compact[1]:.2f}-{vs_compact[2]:.2f}] "
+            f"{cpu:>13.1f} {cpu_of_compact:>10.2f}"
         )
         summary["spellings"][spelling] = {
-            "rate": round(statistics.median(rates)),
+            "rate": round(rate),
             "body_bytes": body_bytes[spelling],
             "vs_copy": round(vs_copy[0], 3),
             "of_compact": round(vs_compact[0], 3),
-            "rounds_of_compact": [round(r[spelling] / r["compact"], 3) for r in rounds],
+            "rounds_of_compact": [round(v, 3) for v in of_compact],
+            "cpu_ms_per_batch": round(cpu, 2),
+            "cpu_of_compact": round(cpu_of_compact, 3),
         }
-    copy_rates = [r[COPY_RUN] for r in rounds]
-    print(f"{'COPY':<9} {'':>8} {statistics.median(copy_rates):>8.0f}")
-    summary["copy_rate"] = round(statistics.median(copy_rates))
+    copy_rate = statistics.median(r.rates[COPY_RUN] for r in rounds)
+    print(f"{'COPY':<9} {'':>8} {copy_rate:>8.0f}")
+    summary["copy_rate"] = round(copy_rate)
     return summary
 
 
@@ -193,7 +229,7 @@ async def run_spelling_benchmark(
     batches of `size`, `count` messages per spelling and round."""
     spellings = ["compact", *(s for s in spellings if s != "compact")]  # compact's turn first
     url = await prepare_database(admin_url)
-    measured: list[dict[str, float]] = []
+    measured: list[Round] = []
     bar = progress_bar(rounds, "rounds", "benchmark")
     with tempfile.TemporaryDirectory() as workdir, bar:
         for number in range(1, rounds + 1):
