@@ -144,7 +144,7 @@ def test_bench_compares_spellings_in_one_run(pg_server: Server) -> None:
     args = ("--count", "300", "--batch-size", "100", "--rounds", "2")
     result, summary = bench(pg_server, *args, "--spelling", "all")
     spellings = summary["spellings"]
-    assert list(spellings) == ["compact", "spaced", "escaped", "pretty", "bom"]
+    assert list(spellings) == ["compact", "spaced", "escaped", "pretty", "numbers", "bom"]
     assert spellings["compact"]["rounds_of_compact"] == [1.0, 1.0]
     assert all(s["of_compact"] > 0 and s["vs_copy"] > 0 for s in spellings.values())
     assert all(s["cpu_ms_per_batch"] > 0 for s in spellings.values())

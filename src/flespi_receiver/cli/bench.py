@@ -51,11 +51,11 @@ def register(commands: Subcommands) -> None:
         action="append",
         dest="spellings",
         help="how the receivers' bodies spell the JSON: compact (as orjson writes it), spaced "
-        "(json.dumps defaults), escaped (non-ASCII as \\uXXXX, / as \\/), pretty (indented), bom "
-        "(compact, the body starting with a UTF-8 byte order mark); "
-        "COPY gets the same rows whatever the spelling (default: compact). Repeat it, or say "
-        "all, to compare spellings in one run: their turns interleaved round by round, each "
-        "one's rate as a fraction of compact's",
+        "(json.dumps defaults), escaped (non-ASCII as \\uXXXX, / as \\/), pretty (indented), "
+        "numbers (floats as 1.50 or 1E-07, zero as -0), bom (compact, the body starting with "
+        "a UTF-8 byte order mark); COPY gets the same rows whatever the spelling (default: "
+        "compact). Repeat it, or say all, to compare spellings in one run: their turns "
+        "interleaved round by round, each one's rate as a fraction of compact's",
     )
     bench.add_argument(
         "--identity",
