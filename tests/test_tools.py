@@ -140,6 +140,23 @@ def test_bench_measures_one_bad_message_per_batch(pg_server: Server) -> None:
     assert "with bad messages" in result.stdout
 
 
+def test_bench_compares_spellings_in_one_run(pg_server: Server) -> None:
+    args = ("--count", "300", "--batch-size", "100", "--rounds", "2")
+    result, summary = bench(pg_server, *args, "--spelling", "all")
+    spellings = summary["spellings"]
+    assert list(spellings) == ["compact", "spaced", "escaped", "pretty", "numbers", "bom"]
+    assert spellings["compact"]["rounds_of_compact"] == [1.0, 1.0]
+    assert all(s["of_compact"] > 0 and s["vs_copy"] > 0 for s in spellings.values())
+    assert all(s["cpu_ms_per_batch"] > 0 for s in spellings.values())
+    # the same messages, spelled longer than compact
+    assert spellings["compact"]["body_bytes"] < spellings["pretty"]["body_bytes"]
+    assert spellings["compact"]["body_bytes"] < spellings["bom"]["body_bytes"]
+    assert "of compact" in result.stdout
+    # compact's turn is always there: the others are fractions of it
+    _, summary = bench(pg_server, *args, "--spelling", "pretty", "--spelling", "escaped")
+    assert list(summary["spellings"]) == ["compact", "escaped", "pretty"]
+
+
 def test_growth_and_memory_benchmarks_run(pg_server: Server) -> None:
     _, growth = bench(pg_server, "--growth", "2000", "--growth-step", "1000", "--count", "300")
     # each point is measured three times with 300 new messages

@@ -18,7 +18,7 @@ import orjson
 
 from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.identity import message_identity, text_identity
-from flespi_receiver.json_scan import duplicate_key, key_count, split_array
+from flespi_receiver.json_scan import duplicate_key, no_key_lost, split_array
 from flespi_receiver.large_element import LARGE_ELEMENT, MAX_DEPTH, TooDeep, judge_large
 from flespi_receiver.splitter import NotExact, split_elements, without_bom
 
@@ -137,8 +137,9 @@ def judge_element(raw: bytes, known: Collection[str] | None = None) -> Message |
     orjson proves it valid JSON (no NaN, no number beyond a double, no lone surrogate, valid
     UTF-8, nesting up to MAX_DEPTH) and an object. Re-encoding it and comparing with the text
     sent proves, in C, that no duplicate key was lost; text spelled otherwise (whitespace,
-    escapes, other number spellings) has its keys counted instead, and only nesting too deep
-    for that is read by the slower scanner. PostgreSQL refuses \\u0000, so that is refused too.
+    escapes, other number spellings) has its colons counted instead, and only what that
+    cannot prove (nesting too deep to re-encode, a colon or digit written as \\u003X) is
+    read by the slower scanner. PostgreSQL refuses \\u0000, so that is refused too.
     """
     if known is not None and len(raw) > LARGE_ELEMENT:
         try:
@@ -169,21 +170,12 @@ def judge_element(raw: bytes, known: Collection[str] | None = None) -> Message |
 def _duplicate_key(raw: bytes, canonical: bytes | None) -> str | None:
     """A key `raw` holds twice in one object; `canonical` is its parse re-encoded.
 
-    Text that differs from `canonical` only by whitespace (json.dumps' defaults, indented
-    text) is proven by one compare once its whitespace is gone; other spellings (escapes,
-    number forms) by counting the keys on both sides, in C.
+    Text spelled otherwise (whitespace, escapes, number forms) is proven to have lost no key
+    by counting colons, in C (json_scan.no_key_lost); what that cannot prove is read by the
+    scanner.
     """
-    if canonical is not None:
-        try:
-            compact: bytes | None = msgspec.json.format(raw, indent=-1)  # the rest as sent
-        except RecursionError:
-            compact = None
-        if compact is not None:
-            if compact == canonical:
-                return None  # the same text as the parse: every key that was sent is in it
-            keys = key_count(compact)
-            if keys is not None and keys == key_count(canonical):
-                return None  # every key that was sent survived the parse
+    if canonical is not None and no_key_lost(raw, canonical):
+        return None
     return duplicate_key(raw)
 
 

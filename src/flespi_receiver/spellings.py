@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 import orjson
 
-Spelling = Literal["compact", "spaced", "escaped", "pretty"]
-SPELLINGS: tuple[Spelling, ...] = ("compact", "spaced", "escaped", "pretty")
+Spelling = Literal["compact", "spaced", "escaped", "pretty", "numbers"]
+SPELLINGS: tuple[Spelling, ...] = ("compact", "spaced", "escaped", "pretty", "numbers")
 
 
 def spelled(message: Any, spelling: Spelling) -> bytes:
@@ -21,4 +21,21 @@ def spelled(message: Any, spelling: Spelling) -> bytes:
         return json.dumps(message, ensure_ascii=False).encode()
     if spelling == "escaped":
         return json.dumps(message, separators=(",", ":")).replace("/", "\\/").encode()
+    if spelling == "numbers":
+        return _numbers(message).encode()
     return json.dumps(message, indent=1, ensure_ascii=False).encode()
+
+
+def _numbers(value: Any) -> str:
+    kind = type(value)
+    if kind is dict:
+        items = (f"{orjson.dumps(k).decode()}:{_numbers(v)}" for k, v in value.items())
+        return "{" + ",".join(items) + "}"
+    if kind is list:
+        return "[" + ",".join(_numbers(v) for v in value) + "]"
+    if kind is float:
+        text = repr(value)
+        return text.replace("e", "E") if "e" in text else text + "0"
+    if kind is int and value == 0:
+        return "-0"
+    return orjson.dumps(value).decode()

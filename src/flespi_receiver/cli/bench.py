@@ -47,11 +47,15 @@ def register(commands: Subcommands) -> None:
     bench.add_argument("--gzip", action="store_true", help="gzip the request bodies")
     bench.add_argument(
         "--spelling",
-        choices=SPELLINGS,
-        default="compact",
+        choices=(*SPELLINGS, "bom", "all"),
+        action="append",
+        dest="spellings",
         help="how the receivers' bodies spell the JSON: compact (as orjson writes it), spaced "
-        "(json.dumps defaults), escaped (non-ASCII as \\uXXXX, / as \\/), pretty (indented); "
-        "COPY gets the same rows whatever the spelling (default: %(default)s)",
+        "(json.dumps defaults), escaped (non-ASCII as \\uXXXX, / as \\/), pretty (indented), "
+        "numbers (floats as 1.50 or 1E-07, zero as -0), bom (compact, the body starting with "
+        "a UTF-8 byte order mark); COPY gets the same rows whatever the spelling (default: "
+        "compact). Repeat it, or say all, to compare spellings in one run: their turns "
+        "interleaved round by round, each one's rate as a fraction of compact's",
     )
     bench.add_argument(
         "--identity",
@@ -170,12 +174,27 @@ async def _bench_on(url: str, args: argparse.Namespace) -> None:
     elif args.memory:
         await bench_scale.memory_profile(url, args.memory, args.max_body_size)
     else:
+        spellings = _spellings(args.spellings)
         workload = bench.Workload(
             configuration=args.configuration,
             devices=args.devices,
             gzip_level=6 if args.gzip else None,
-            spelling=args.spelling,
+            spelling=next((s for s in SPELLINGS if s == spellings[0]), "compact"),
             identity=args.identity,
             bad_every=args.bad_every,
         )
-        await bench.run_benchmark(url, sizes, args.count, workload, args.rounds)
+        if len(spellings) > 1 or spellings[0] == "bom":
+            from flespi_receiver import bench_spelling
+
+            await bench_spelling.run_spelling_benchmark(
+                url, spellings, sizes[0], args.count, workload, args.rounds
+            )
+        else:
+            await bench.run_benchmark(url, sizes, args.count, workload, args.rounds)
+
+
+def _spellings(chosen: list[str] | None) -> list[str]:
+    """The spellings asked for, each once, in SPELLINGS' order, bom last; compact when none."""
+    if not chosen:
+        return ["compact"]
+    return [s for s in (*SPELLINGS, "bom") if s in chosen or "all" in chosen]
