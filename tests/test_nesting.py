@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from flespi_receiver.ingest import STREAMED_BODY
-from flespi_receiver.messages import MAX_DEPTH
+from flespi_receiver.json_scan import MAX_DEPTH
 from flespi_receiver.store import SMALL_BATCH
 
 from conftest import Client, ClientFactory

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from flespi_receiver import splitter as splitter_module
 from flespi_receiver.embedded import free_port
 from flespi_receiver.ingest import STREAMED_BODY
+from flespi_receiver.json_scan import split_array
 from flespi_receiver.splitter import ElementSplitter, NotExact, split_elements
 
 from conftest import Client, ClientFactory
@@ -257,4 +258,10 @@ def test_splitting_as_the_body_arrives_finds_the_same_elements(
         found = None
     finally:
         patched.stop()
-    assert found == (None if whole is None else [bytes(e) for e in whole])
+    if whole is not None:
+        assert found == [bytes(e) for e in whole]
+    else:
+        # what msgspec can't read is split by its structure alone (as the careful path does),
+        # so that each element is judged on its own; not an array at all: refused
+        split = split_array(body)
+        assert found == (None if isinstance(split, str) else split)

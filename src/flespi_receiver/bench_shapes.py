@@ -27,7 +27,7 @@ from flespi_receiver.bench import (
 )
 from flespi_receiver.embedded import free_port
 from flespi_receiver.emulator import encode_messages, sample_messages
-from flespi_receiver.large_element import MAX_DEPTH
+from flespi_receiver.json_scan import MAX_DEPTH
 
 
 def _repeat(element: bytes, size: int) -> bytes:

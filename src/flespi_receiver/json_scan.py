@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import orjson
 
 WHITESPACE = b" \t\n\r"
+# the deepest nesting stored, the message object itself being level 1 (orjson's own limit)
+MAX_DEPTH = 1024
 # what matters between strings: brackets, commas, colons and the start of a string
 _STRUCTURE = re.compile(rb'["\[\]{},:]')
 # inside an element of the body array only brackets and strings change the depth
@@ -183,3 +185,18 @@ def no_key_lost(text: bytes, parsed: bytes) -> bool:
         return False
     # most texts have no backslash at all: one memchr instead of a search for five bytes
     return b"\\" not in text or _ESCAPED_COLON not in text
+
+
+def why_invalid(raw: bytes, exc: orjson.JSONDecodeError) -> str:
+    """Why `raw` is not a message, from orjson's error: in the words messages give."""
+    if not raw:
+        return "empty array element"
+    if str(exc).startswith("depth limit exceeded"):
+        return f"nesting deeper than {MAX_DEPTH} levels"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        # orjson reports this as a surrogate error at char 0, whatever the bytes
+        byte = raw[bad.start]
+        return f"not valid UTF-8: byte 0x{byte:02x} at offset {bad.start} of the message"
+    return f"not valid JSON: {exc}"

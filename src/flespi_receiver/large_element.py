@@ -26,20 +26,19 @@ from typing import Any
 import msgspec
 import orjson
 
-from flespi_receiver.json_scan import string_end
+from flespi_receiver.json_scan import MAX_DEPTH, string_end, why_invalid
+from flespi_receiver.splitter import deep_enough
 
 # elements larger than this (bytes) are judged here
 LARGE_ELEMENT = 1024 * 1024
-# the deepest nesting stored, the message object itself being level 1 (orjson's own limit)
-MAX_DEPTH = 1024
 _UTF8_SLICE = 1024 * 1024
 _QUOTE_OR_BRACKET = re.compile(rb'["\[\]{}]')
 _COLON_NEXT = re.compile(rb"[ \t\n\r]*:")
 _WHITESPACE = re.compile(rb"[ \t\n\r]*")
-# where a number that may be beyond a double shows itself, outside strings: an exponent (it
-# always follows a digit), or 309 digits in a row (counted from the run's first digit only,
-# so that the search stays linear)
-_MAYBE_HUGE_NUMBER = re.compile(rb"[0-9][eE]|(?<![0-9])[0-9]{309}")
+# where a number that may be beyond a double (about 1.8e308) shows itself, outside strings:
+# an exponent of 100 or more, or 210 digits in a row (with an exponent below 100, fewer can't
+# pass 1e308); counted from the run's first digit only, so that the search stays linear
+_MAYBE_HUGE_NUMBER = re.compile(rb"[eE]\+?0*[1-9][0-9]{2}|(?<![0-9])[0-9]{210}")
 _NUMBER_CHARACTERS = re.compile(rb"[-+.0-9eE]*")
 _NUMBER_BYTES = frozenset(b"-+.0123456789eE")
 _NUL_ESCAPE = b"\\u0000"
@@ -64,17 +63,22 @@ def judge_large(raw: bytes, names: Collection[str]) -> dict[str, Any] | str:
     start = first.end() if first else 0
     wanted = tuple(sorted(set(names)))
     try:
-        if raw[start : start + 1] == b"{":
-            known: tuple[msgspec.Raw, ...] | None = msgspec.structs.astuple(
-                _known_decoder(wanted).decode(raw)
-            )
-        else:
-            msgspec.json.decode(raw, type=msgspec.Raw)  # the syntax only, nothing built
-            known = None
-    except msgspec.DecodeError as exc:
-        return f"not valid JSON: {exc}"
+        with deep_enough():
+            if raw[start : start + 1] == b"{":
+                known: tuple[msgspec.Raw, ...] | None = msgspec.structs.astuple(
+                    _known_decoder(wanted).decode(raw)
+                )
+            else:
+                msgspec.json.decode(raw, type=msgspec.Raw)  # the syntax only, nothing built
+                known = None
+    except msgspec.DecodeError:
+        return _orjson_reason(raw)
     except RecursionError:
-        raise TooDeep from None
+        # deeper than even deep_enough() reads: the scan says so, else the usual judge
+        problem = _invalid_utf8(raw) or _structure_problem(raw, keys=False)
+        if problem is None:
+            raise TooDeep from None
+        return problem
     problem = _invalid_utf8(raw) or _structure_problem(raw, keys=known is not None)
     if problem is not None:
         return problem
@@ -162,10 +166,20 @@ def _number_beyond_double(raw: bytes, start: int, end: int) -> str | None:
         last = matched.end() if matched else found.end()
         try:
             orjson.loads(raw[first:last])
-        except orjson.JSONDecodeError as exc:
-            return f"not valid JSON: {exc}"
+        except orjson.JSONDecodeError:
+            return _orjson_reason(raw)
         position = max(last, found.end())
     return None
+
+
+def _orjson_reason(raw: bytes) -> str:
+    """What judge_element says of `raw`, which is not valid JSON: orjson's own words, where it
+    stops reading (before building anything)."""
+    try:
+        orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return why_invalid(raw, exc)
+    raise TooDeep  # valid after all: left to the usual judge
 
 
 def _has_nul_escape(raw: bytes) -> bool:

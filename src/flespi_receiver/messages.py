@@ -9,6 +9,7 @@ good messages and the rejected content are kept apart.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +19,8 @@ import orjson
 
 from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.identity import message_identity, text_identity
-from flespi_receiver.json_scan import duplicate_key, no_key_lost, split_array
-from flespi_receiver.large_element import LARGE_ELEMENT, MAX_DEPTH, TooDeep, judge_large
+from flespi_receiver.json_scan import duplicate_key, no_key_lost, split_array, why_invalid
+from flespi_receiver.large_element import LARGE_ELEMENT, TooDeep, judge_large
 from flespi_receiver.splitter import NotExact, split_elements, without_bom
 
 # a JSON string that PostgreSQL's jsonb refuses
@@ -95,7 +96,7 @@ def decode_batch(body: bytes, fields: MessageFields = DEFAULT_FIELDS) -> Decoded
 
 
 def exact_messages(
-    elements: Iterable[msgspec.Raw | bytes],
+    elements: Iterable[msgspec.Raw | bytes | Message | Rejected],
     fields: MessageFields = DEFAULT_FIELDS,
     rejected: list[Rejected] | None = None,
 ) -> Iterator[Message]:
@@ -108,7 +109,10 @@ def exact_messages(
     """
     for element in elements:
         # comparing bytes to bytes is much faster than to a memoryview
-        verdict = judge_element(bytes(element), fields.large_names)
+        if isinstance(element, Message | Rejected):
+            verdict = element  # judged already (judged_large_apart)
+        else:
+            verdict = judge_element(bytes(element), fields.large_names)
         if isinstance(verdict, Rejected):
             if rejected is None or len(rejected) >= MAX_REJECTED_ELEMENTS:
                 raise NotExact
@@ -116,6 +120,20 @@ def exact_messages(
             continue
         _derive_columns(verdict, fields)
         yield verdict
+
+
+async def judged_large_apart(
+    elements: Iterable[bytes], fields: MessageFields
+) -> list[bytes | Message | Rejected]:
+    """`elements`, those larger than LARGE_ELEMENT judged in a thread (judge_element): their
+    judging takes seconds, during which the other requests are answered."""
+    judged: list[bytes | Message | Rejected] = []
+    for element in elements:
+        if len(element) > LARGE_ELEMENT and fields.large_names is not None:
+            judged.append(await asyncio.to_thread(judge_element, element, fields.large_names))
+        else:
+            judged.append(element)
+    return judged
 
 
 def _derive_columns(message: Message, fields: MessageFields) -> None:
@@ -151,7 +169,7 @@ def judge_element(raw: bytes, known: Collection[str] | None = None) -> Message |
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return Rejected(raw, _why_invalid(raw, exc))
+        return Rejected(raw, why_invalid(raw, exc))
     if type(data) is not dict:
         return Rejected(raw, f"not a JSON object but {_json_type(data)}")
     try:
@@ -177,20 +195,6 @@ def _duplicate_key(raw: bytes, canonical: bytes | None) -> str | None:
     if canonical is not None and no_key_lost(raw, canonical):
         return None
     return duplicate_key(raw)
-
-
-def _why_invalid(raw: bytes, exc: orjson.JSONDecodeError) -> str:
-    if not raw:
-        return "empty array element"
-    if str(exc).startswith("depth limit exceeded"):
-        return f"nesting deeper than {MAX_DEPTH} levels"
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as bad:
-        # orjson reports this as a surrogate error at char 0, whatever the bytes
-        byte = raw[bad.start]
-        return f"not valid UTF-8: byte 0x{byte:02x} at offset {bad.start} of the message"
-    return f"not valid JSON: {exc}"
 
 
 def _decode_careful(body: bytes, fields: MessageFields) -> DecodedBatch:

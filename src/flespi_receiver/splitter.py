@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import re
+import sys
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import msgspec
+
+from flespi_receiver.json_scan import split_array
 
 # RFC 8259 lets a parser skip a UTF-8 byte order mark at the start of the text
 BOM = b"\xef\xbb\xbf"
@@ -23,6 +28,35 @@ FIRST_PIECE = 16 * 1024
 PIECE = 64 * 1024
 # failed cuts in a row before the splitter leaves the rest of a body to the end
 _CUT_ATTEMPTS = 16
+
+
+# msgspec reads nesting by recursion, within Python's recursion limit: raised while it reads,
+# so that elements nested up to the 1024 levels stored (and a little more: the array and the
+# caller's frames) are read, not refused
+_DEEP_ENOUGH = 1024 + 200
+_LIMIT_LOCK = threading.Lock()
+_raised = 0  # readers inside deep_enough(), in every thread
+
+
+@contextmanager
+def deep_enough() -> Iterator[None]:
+    """Python's recursion limit at least _DEEP_ENOUGH + 200 meanwhile (the frames below)."""
+    global _raised, _limit_before
+    with _LIMIT_LOCK:
+        if _raised == 0:
+            _limit_before = sys.getrecursionlimit()
+            sys.setrecursionlimit(max(_limit_before, _DEEP_ENOUGH + 200))
+        _raised += 1
+    try:
+        yield
+    finally:
+        with _LIMIT_LOCK:
+            _raised -= 1
+            if _raised == 0:
+                sys.setrecursionlimit(_limit_before)
+
+
+_limit_before = sys.getrecursionlimit()
 
 
 class NotExact(Exception):
@@ -43,7 +77,8 @@ def split_elements(body: bytes | memoryview) -> list[msgspec.Raw] | None:
     full parse; each element is then parsed on its own, as late as possible.
     """
     try:
-        return _ELEMENTS.decode(without_bom(body))
+        with deep_enough():
+            return _ELEMENTS.decode(without_bom(body))
     except (msgspec.DecodeError, RecursionError):
         return None
 
@@ -91,10 +126,17 @@ class ElementSplitter:
         return len(self._rest)
 
     def finish(self) -> list[bytes]:
-        """The elements after the last cut; the body has ended."""
+        """The elements after the last cut; the body has ended. When msgspec can't read them
+        (an element that is not valid JSON: a lone surrogate, NaN, nesting past the limit),
+        the array is split by its structure alone, so that each element is judged on its
+        own and a bad one costs only itself."""
         if not self._opened:
             raise NotExact
         elements = self._decode(0, None)
+        if elements is None:
+            self._rest[0] = 0x5B  # [
+            split = split_array(bytes(self._rest))
+            elements = split if not isinstance(split, str) else None
         self._rest = bytearray()
         if elements is None:
             raise NotExact
@@ -112,7 +154,8 @@ class ElementSplitter:
         piece = view[opening : None if closing is None else closing + 1]
         try:
             try:
-                raws = _ELEMENTS.decode(piece)
+                with deep_enough():
+                    raws = _ELEMENTS.decode(piece)
             except (msgspec.DecodeError, RecursionError):
                 return None
             # copied out before the views go: _rest grows and shrinks afterwards

@@ -42,6 +42,7 @@ from flespi_receiver.messages import (
     decode_batch,
     exact_messages,
     identity_of,
+    judged_large_apart,
 )
 from flespi_receiver.splitter import ElementSplitter, NotExact, split_elements
 from flespi_receiver.timeouts import bound_streamed, client_timeout
@@ -368,12 +369,16 @@ async def _streamed_rows(
     field = stream_field(stream)
     yield HEADER
     async for data in body.chunks():
-        messages = exact_messages(splitter.feed(data), fields, rejected)
+        elements = await judged_large_apart(splitter.feed(data), fields)
+        messages = exact_messages(elements, fields, rejected)
         for chunk in row_chunks(field, messages, fold, distinct):
             yield chunk
         if splitter.pending > LARGE_ELEMENT:
             await body.take_more_room()
-    last = exact_messages(splitter.finish(), fields, rejected)
+    # the rest, split whole (in a thread when it is large: maybe by the slower scanner)
+    large = splitter.pending > THREADED_DECODE
+    ends = await asyncio.to_thread(splitter.finish) if large else splitter.finish()
+    last = exact_messages(await judged_large_apart(ends, fields), fields, rejected)
     for chunk in row_chunks(field, last, fold, distinct):
         yield chunk
     yield TRAILER
