@@ -281,3 +281,19 @@ async def test_elements_msgspec_can_not_read_cost_only_themselves(
     assert await count(db) == 401 - rejected
     if rejected:
         assert await db.fetchval("SELECT reason FROM rejected_messages") == usual.reason
+
+
+@pytest.mark.parametrize("where", [0, 5000, 99_999])
+def test_an_object_of_many_keys_finds_a_key_given_twice(where: int) -> None:
+    # past a few thousand keys an object's keys are kept as their places in the text
+    keys = b",".join(b'"k%06d":%d' % (i, i) for i in range(100_000))
+    whole = b'{"ident":"many",' + keys + b"}"
+    assert judge_large(whole, NAMES) == {"ident": "many"}
+    again = b'"k%06d"' % where
+    escaped = b'"\\u006b' + again[2:]  # the same key, its k written as an escape
+    for spelled in (again, escaped):
+        raw = whole[:-1] + b"," + spelled + b":0}"
+        assert judge_large(raw, NAMES) == f"duplicate key 'k{where:06d}'"
+        usual = judge_element(raw)
+        assert isinstance(usual, Rejected)
+        assert usual.reason == f"duplicate key 'k{where:06d}'"

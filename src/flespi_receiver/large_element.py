@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import functools
 import re
+from array import array
 from collections.abc import Collection
 from typing import Any
 
@@ -42,6 +43,12 @@ _MAYBE_HUGE_NUMBER = re.compile(rb"[eE]\+?0*[1-9][0-9]{2}|(?<![0-9])[0-9]{210}")
 _NUMBER_CHARACTERS = re.compile(rb"[-+.0-9eE]*")
 _NUMBER_BYTES = frozenset(b"-+.0123456789eE")
 _NUL_ESCAPE = b"\\u0000"
+# past this many keys an open object's keys are kept as their places in the text
+_MANY_KEYS = 4096
+# a table slot: 1 + the key's place in the text (0: free) and a fingerprint of its hash
+_PLACE_BITS = 40
+_PLACE = (1 << _PLACE_BITS) - 1
+_FINGERPRINT = (1 << (64 - _PLACE_BITS)) - 1
 _KINDS = {
     ord("["): "an array",
     ord('"'): "a string",
@@ -126,7 +133,7 @@ def _invalid_utf8(raw: bytes) -> str | None:
 def _structure_problem(raw: bytes, *, keys: bool) -> str | None:
     """Nesting deeper than MAX_DEPTH, a number beyond a double or, with `keys`, a key given
     twice in one object, in `raw` (valid JSON syntax): what judge_element says of it."""
-    open_objects: list[set[str] | None] = []  # the keys of each open object; None: an array
+    open_objects: list[_ObjectKeys | None] = []  # the keys of each open object; None: array
     gap = 0  # where the text outside strings and brackets begins
     while (found := _QUOTE_OR_BRACKET.search(raw, gap)) is not None:
         at = found.start()
@@ -139,20 +146,84 @@ def _structure_problem(raw: bytes, *, keys: bool) -> str | None:
             gap = end + 1
             seen = open_objects[-1] if keys and open_objects else None
             if seen is not None and _COLON_NEXT.match(raw, gap) is not None:
-                text = raw[at + 1 : end]
-                key = orjson.loads(raw[at:gap]) if b"\\" in text else text.decode()
-                if key in seen:
+                key = _key_at(raw, at, end)
+                if not seen.add(key, at):
                     return f"duplicate key {key!r}"
-                seen.add(key)
             continue
         gap = at + 1
         if kind in b"[{":
-            open_objects.append(set() if kind == 0x7B else None)
+            open_objects.append(_ObjectKeys(raw) if kind == 0x7B else None)
             if len(open_objects) > MAX_DEPTH:
                 return f"nesting deeper than {MAX_DEPTH} levels"
         else:
             open_objects.pop()
     return _number_beyond_double(raw, gap, len(raw))
+
+
+def _key_at(raw: bytes, at: int, end: int) -> str:
+    """The key whose quotes are at `at` and `end`, decoded."""
+    text = raw[at + 1 : end]
+    return orjson.loads(raw[at : end + 1]) if b"\\" in text else text.decode()
+
+
+class _ObjectKeys:
+    """The keys of one open object, to find one given twice. A set while few; past
+    _MANY_KEYS, an open-addressing table of where each key starts in the text (8 bytes a
+    slot: the place and a fingerprint of the key's hash), so that an object of a million
+    keys costs about its text again, not five times it in strings; a key whose fingerprint
+    matches is read again from the text to be compared."""
+
+    __slots__ = ("_count", "_few", "_mask", "_raw", "_slots")
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+        self._few: dict[str, int] | None = {}
+        self._slots = array("Q")
+        self._mask = 0
+        self._count = 0
+
+    def add(self, key: str, at: int) -> bool:
+        """Note the key whose opening quote is at `at`; False when the object had it."""
+        few = self._few
+        if few is None:
+            return self._insert(key, at)
+        if key in few:
+            return False
+        few[key] = at
+        if len(few) > _MANY_KEYS:
+            self._few = None
+            self._resize(4 * _MANY_KEYS)
+            for known, place in few.items():
+                self._insert(known, place)
+        return True
+
+    def _insert(self, key: str, at: int) -> bool:
+        if 4 * (self._count + 1) > 3 * len(self._slots):
+            self._resize(2 * len(self._slots))
+        hashed = hash(key)
+        fingerprint = (hashed >> 8) & _FINGERPRINT
+        slot = hashed & self._mask
+        slots = self._slots
+        while held := slots[slot]:
+            if held >> _PLACE_BITS == fingerprint:
+                place = (held & _PLACE) - 1
+                if _key_at(self._raw, place, string_end(self._raw, place)) == key:
+                    return False
+            slot = (slot + 1) & self._mask
+        slots[slot] = fingerprint << _PLACE_BITS | (at + 1)
+        self._count += 1
+        return True
+
+    def _resize(self, size: int) -> None:
+        old = self._slots
+        self._slots = array("Q", bytes(8 * size))
+        self._mask = size - 1
+        self._count = 0
+        for slot in old:
+            if not slot:
+                continue
+            place = (slot & _PLACE) - 1
+            self._insert(_key_at(self._raw, place, string_end(self._raw, place)), place)
 
 
 def _number_beyond_double(raw: bytes, start: int, end: int) -> str | None:
