@@ -82,6 +82,9 @@ async def prepare_database(admin_url: str) -> str:
             await conn.execute(
                 f"CREATE TABLE {SCHEMA}.{table} (LIKE {SCHEMA}.messages INCLUDING ALL)"
             )
+            # the read position's index, which the receiver builds when it starts: the
+            # references are shaped like messages as the receiver writes it
+            await conn.execute(f"CREATE INDEX ON {SCHEMA}.{table} (xact_id)")
     finally:
         await conn.close()
     return url
