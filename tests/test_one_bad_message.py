@@ -224,3 +224,22 @@ async def test_copies_of_a_message_within_a_batch_cost_only_themselves(
 
 def test_the_transports_reach_the_paths_they_are_named_after() -> None:
     assert TRANSPORTS["insert"][0] < SMALL_BATCH < TRANSPORTS["copy"][0]
+
+
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+@pytest.mark.parametrize(
+    "bad", [b'{"ident":"s","a":"\\ud83d"}', b'{"ident":"n","a":NaN}'], ids=["surrogate", "NaN"]
+)
+async def test_an_element_msgspec_can_not_read_costs_only_itself(
+    receiver: ClientFactory, db: asyncpg.Connection, transport: str, bad: bytes
+) -> None:
+    client = await receiver()
+    size, how = TRANSPORTS[transport]
+    status, reply, path = await send(client, with_bad(good_messages(size), bad, "first"), how)
+    assert (status, reply, path) == (
+        200,
+        {"stored": size, "duplicates": 0, "rejected": 1},
+        PATHS[transport],
+    )
+    assert await count(db) == size
+    assert await db.fetchval("SELECT raw FROM rejected_messages") == bad

@@ -265,3 +265,17 @@ def test_splitting_as_the_body_arrives_finds_the_same_elements(
         # so that each element is judged on its own; not an array at all: refused
         split = split_array(body)
         assert found == (None if isinstance(split, str) else split)
+
+
+def test_an_element_msgspec_can_not_read_does_not_stop_the_cutting() -> None:
+    # a NaN early in a body: the pieces after it are still cut and handed on as they arrive
+    messages = [orjson.dumps({"ident": f"d{i}", "n": "x" * 100}) for i in range(3000)]
+    messages[10] = b'{"ident":"bad","a":NaN}'
+    body = b"[" + b",".join(messages) + b"]"
+    splitter = ElementSplitter()
+    while_arriving: list[bytes] = []
+    for start in range(0, len(body), 4096):
+        while_arriving += splitter.feed(body[start : start + 4096])
+    at_the_end = splitter.finish()
+    assert while_arriving + at_the_end == messages
+    assert len(at_the_end) < 1000

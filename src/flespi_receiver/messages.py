@@ -104,7 +104,7 @@ def exact_messages(
 
     An element that must be quarantined is appended to `rejected` and left out; raises
     NotExact at the first one when `rejected` is None, and at the one after
-    MAX_REJECTED_ELEMENTS (such a body is kept whole, by the careful path). Lazy, so that the
+    MAX_REJECTED_ELEMENTS, which is appended too (such a body is kept whole). Lazy, so that the
     first messages can be on their way to PostgreSQL while later ones are checked.
     """
     for element in elements:
@@ -114,9 +114,11 @@ def exact_messages(
         else:
             verdict = judge_element(bytes(element), fields.large_names)
         if isinstance(verdict, Rejected):
-            if rejected is None or len(rejected) >= MAX_REJECTED_ELEMENTS:
+            if rejected is None:
                 raise NotExact
             rejected.append(verdict)
+            if len(rejected) > MAX_REJECTED_ELEMENTS:
+                raise NotExact  # the body is kept whole: `rejected` says so by its length
             continue
         _derive_columns(verdict, fields)
         yield verdict
@@ -211,7 +213,7 @@ def _decode_careful(body: bytes, fields: MessageFields) -> DecodedBatch:
         if isinstance(verdict, Rejected):
             batch.rejected.append(verdict)
             if len(batch.rejected) > MAX_REJECTED_ELEMENTS:
-                return _kept_whole(body, batch.rejected[0].reason)
+                return kept_whole(body, batch.rejected[0].reason)
         else:
             _derive_columns(verdict, fields)
             batch.messages.append(verdict)
@@ -219,7 +221,9 @@ def _decode_careful(body: bytes, fields: MessageFields) -> DecodedBatch:
     return batch
 
 
-def _kept_whole(body: bytes, first_reason: str) -> DecodedBatch:
+def kept_whole(body: bytes, first_reason: str) -> DecodedBatch:
+    """The batch of a body with more than MAX_REJECTED_ELEMENTS refused elements: the body
+    itself, as one rejected row."""
     reason = (
         f"body has more than {MAX_REJECTED_ELEMENTS} elements that are not storable messages "
         f"(the first: {first_reason}); it is kept whole"

@@ -126,17 +126,10 @@ class ElementSplitter:
         return len(self._rest)
 
     def finish(self) -> list[bytes]:
-        """The elements after the last cut; the body has ended. When msgspec can't read them
-        (an element that is not valid JSON: a lone surrogate, NaN, nesting past the limit),
-        the array is split by its structure alone, so that each element is judged on its
-        own and a bad one costs only itself."""
+        """The elements after the last cut; the body has ended."""
         if not self._opened:
             raise NotExact
         elements = self._decode(0, None)
-        if elements is None:
-            self._rest[0] = 0x5B  # [
-            split = split_array(bytes(self._rest))
-            elements = split if not isinstance(split, str) else None
         self._rest = bytearray()
         if elements is None:
             raise NotExact
@@ -144,7 +137,10 @@ class ElementSplitter:
 
     def _decode(self, opening: int, closing: int | None) -> list[bytes] | None:
         """The elements of _rest[opening + 1 : closing] (to the end of the body: None), or None
-        when that is not a JSON array's content."""
+        when that is not a JSON array's content: a cut inside a string or a nested array.
+        What msgspec can't read (an element that is not valid JSON: a lone surrogate, NaN,
+        nesting past the limit) is split by its structure alone, so that each element is
+        judged on its own and a bad one costs only itself."""
         rest = self._rest
         saved = rest[opening], rest[closing] if closing is not None else 0
         rest[opening] = 0x5B  # [
@@ -157,7 +153,8 @@ class ElementSplitter:
                 with deep_enough():
                     raws = _ELEMENTS.decode(piece)
             except (msgspec.DecodeError, RecursionError):
-                return None
+                split = split_array(bytes(piece))
+                return None if isinstance(split, str) else split
             # copied out before the views go: _rest grows and shrinks afterwards
             elements = [bytes(raw) for raw in raws]
             del raws

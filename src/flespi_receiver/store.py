@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import asyncpg
+import msgspec
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
@@ -35,16 +36,20 @@ from flespi_receiver.device_state import (
 from flespi_receiver.errors import BatchRejected
 from flespi_receiver.failures import DatabaseState, shared_kind, state_kind
 from flespi_receiver.fields import DEFAULT_FIELDS, MESSAGE_COLUMNS, MessageFields, as_datetime
+from flespi_receiver.json_scan import split_array
 from flespi_receiver.large_element import LARGE_ELEMENT
 from flespi_receiver.messages import (
+    MAX_REJECTED_ELEMENTS,
+    DecodedBatch,
     Message,
     Rejected,
     decode_batch,
     exact_messages,
     identity_of,
     judged_large_apart,
+    kept_whole,
 )
-from flespi_receiver.splitter import ElementSplitter, NotExact, split_elements
+from flespi_receiver.splitter import ElementSplitter, NotExact, split_elements, without_bom
 from flespi_receiver.timeouts import bound_streamed, client_timeout
 
 log = structlog.get_logger("flespi_receiver.store")
@@ -189,6 +194,11 @@ async def _store_batch(
         # the careful path holds the body joined and each message apart: room for that first
         await body.take_more_room()
         body = await body.read_all()
+        if set_aside is not None and len(set_aside) > MAX_REJECTED_ELEMENTS:
+            # more refused elements than are kept apart: the body is kept whole, as the careful
+            # path would decide after decoding every message of it again
+            kept = kept_whole(body, set_aside[0].reason)
+            return await _store_careful(conn, stream, kept, quarantine, effects)
     else:
         optimistic = await _store_optimistically(conn, stream, body, fields, effects, quarantine)
         if optimistic is not None:
@@ -200,6 +210,13 @@ async def _store_batch(
         asyncio.to_thread(decode_batch, body, fields) if len(body) > THREADED_DECODE else None
     )
     batch = await decoding if decoding is not None else decode_batch(body, fields)
+    return await _store_careful(conn, stream, batch, quarantine, effects)
+
+
+async def _store_careful(
+    conn: Connection, stream: str, batch: DecodedBatch, quarantine: bool, effects: BatchEffects
+) -> StoreResult:
+    """A decoded batch, message by message, in one transaction."""
     if not quarantine and batch.first_refusal is not None:
         raise BatchRejected(batch.first_refusal)  # bad messages, however many: 422
     if not quarantine and batch.rejected:
@@ -264,9 +281,14 @@ async def _store_optimistically(
     """The common case: a JSON array whose elements are valid and exactly re-encodable
     messages, or content quarantined beside them in the same transaction (`quarantine`; up to
     MAX_REJECTED_ELEMENTS elements). None: be careful."""
-    elements = split_elements(body)
+    elements: list[msgspec.Raw] | list[bytes] | None = split_elements(body)
     if elements is None:
-        return None
+        # an element msgspec can't read (a lone surrogate, NaN): split by structure alone, so
+        # that each element is judged on its own; not an array at all: the careful way
+        split = split_array(bytes(without_bom(body)))
+        if isinstance(split, str):
+            return None
+        elements = split
     set_aside: list[Rejected] | None = [] if quarantine else None
     if len(elements) > SMALL_BATCH:
         fold = DeviceFold(effects.merge)
