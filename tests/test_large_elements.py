@@ -22,6 +22,7 @@ from flespi_receiver.fields import DEFAULT_FIELDS
 from flespi_receiver.large_element import LARGE_ELEMENT, judge_large
 from flespi_receiver.messages import Message, Rejected, judge_element
 
+from conftest import STREAM_TOML
 from helpers import (
     AUTH,
     config_file,
@@ -297,3 +298,18 @@ def test_an_object_of_many_keys_finds_a_key_given_twice(where: int) -> None:
         usual = judge_element(raw)
         assert isinstance(usual, Rejected)
         assert usual.reason == f"duplicate key 'k{where:06d}'"
+
+
+async def test_a_large_message_in_a_stream_keyed_by_content_is_one_however_spelled(
+    receiver: Any, db: asyncpg.Connection
+) -> None:
+    client = await receiver(streams=STREAM_TOML + 'identity = "content"\n')
+    message = {**KNOWN, "s": "é" * LARGE_ELEMENT, "n": [1.5, 2]}
+    compact = orjson.dumps(message)
+    spaced = json.dumps(message).encode()  # another spelling: escapes, spaces
+    first = await client.post("/flespi", data=io.BytesIO(b"[" + compact + b"]"), headers=AUTH)
+    assert await first.json() == {"stored": 1, "duplicates": 0, "rejected": 0}
+    again = await client.post("/flespi", data=io.BytesIO(b"[" + spaced + b"]"), headers=AUTH)
+    assert await again.json() == {"stored": 0, "duplicates": 1, "rejected": 0}
+    assert await count(db) == 1
+    assert await db.fetchval("SELECT ident FROM messages") == KNOWN["ident"]

@@ -128,10 +128,11 @@ async def judged_large_apart(
     elements: Iterable[bytes], fields: MessageFields
 ) -> list[bytes | Message | Rejected]:
     """`elements`, those larger than LARGE_ELEMENT judged in a thread (judge_element): their
-    judging takes seconds, during which the other requests are answered."""
+    judging takes seconds (parsed whole in a stream keyed by content), during which the other
+    requests are answered."""
     judged: list[bytes | Message | Rejected] = []
     for element in elements:
-        if len(element) > LARGE_ELEMENT and fields.large_names is not None:
+        if len(element) > LARGE_ELEMENT:
             judged.append(await asyncio.to_thread(judge_element, element, fields.large_names))
         else:
             judged.append(element)
