@@ -148,9 +148,7 @@ def row_chunks(
             before, after = _around_payload(stream_field, message)
             parts.append(before)
             yield b"".join(parts)
-            text = memoryview(message.raw)
-            for start in range(0, len(text), CHUNK_SIZE):
-                yield text[start : start + CHUNK_SIZE]
+            yield from _slices(message.raw)
             parts, size, limit = [after], len(after), CHUNK_SIZE
             continue
         row = encode_row(stream_field, message)
@@ -163,15 +161,20 @@ def row_chunks(
         yield b"".join(parts)
 
 
+def _slices(text: bytes) -> Iterator[memoryview]:
+    """`text` in CHUNK_SIZE slices of itself, not copied."""
+    view = memoryview(text)
+    for start in range(0, len(view), CHUNK_SIZE):
+        yield view[start : start + CHUNK_SIZE]
+
+
 def rejected_chunks(
     stream: str, raw: bytes, reason: str, identity: bytes
 ) -> Iterator[bytes | memoryview]:
     """The COPY data of one row of rejected_messages (REJECTED_COLUMNS), the content in slices
     of itself: a large refused body is sent on, never copied whole."""
     yield HEADER + _REJECTED_FIELD_COUNT + stream_field(stream) + _LENGTH.pack(len(raw))
-    text = memoryview(raw)
-    for start in range(0, len(text), CHUNK_SIZE):
-        yield text[start : start + CHUNK_SIZE]
+    yield from _slices(raw)
     yield b"".join((_text(reason), _HASH_LENGTH, identity, TRAILER))
 
 

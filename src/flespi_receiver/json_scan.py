@@ -9,12 +9,15 @@ and no regular expression can backtrack: each byte is looked at a bounded number
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Iterator
 
 import orjson
 
 WHITESPACE = b" \t\n\r"
+# bytes decoded at a time to check UTF-8
+_UTF8_SLICE = 1024 * 1024
 # the deepest nesting stored, the message object itself being level 1 (orjson's own limit)
 MAX_DEPTH = 1024
 # what matters between strings: brackets, commas, colons and the start of a string
@@ -35,12 +38,17 @@ def string_end(text: bytes, start: int) -> int:
         quote = text.find(b'"', position)
         if quote == -1:
             return -1
-        backslashes = 0
-        while text[quote - 1 - backslashes] == 0x5C:  # a backslash
-            backslashes += 1
-        if backslashes % 2 == 0:
+        if not escaped(text, quote):
             return quote
         position = quote + 1
+
+
+def escaped(text: bytes, position: int) -> bool:
+    """Whether the byte at `position` is escaped: it follows an odd number of backslashes."""
+    backslashes = 0
+    while position - 1 - backslashes >= 0 and text[position - 1 - backslashes] == 0x5C:
+        backslashes += 1
+    return backslashes % 2 == 1
 
 
 def split_array(text: bytes) -> list[bytes] | str:
@@ -193,10 +201,25 @@ def why_invalid(raw: bytes, exc: orjson.JSONDecodeError) -> str:
         return "empty array element"
     if str(exc).startswith("depth limit exceeded"):
         return f"nesting deeper than {MAX_DEPTH} levels"
+    # orjson reports invalid UTF-8 as a surrogate error at char 0, whatever the bytes
+    return invalid_utf8(raw) or f"not valid JSON: {exc}"
+
+
+def invalid_utf8(raw: bytes) -> str | None:
+    """Why `raw` is not valid UTF-8 (the first bad byte and its offset), else None; decoded a
+    slice at a time, so that this costs a slice, not the text."""
+    if raw.isascii():
+        return None
+    view = memoryview(raw)
+    position = 0
     try:
-        raw.decode("utf-8")
+        while position < len(raw):
+            end = position + _UTF8_SLICE
+            _, consumed = codecs.utf_8_decode(view[position:end], "strict", end >= len(raw))
+            position += consumed
     except UnicodeDecodeError as bad:
-        # orjson reports this as a surrogate error at char 0, whatever the bytes
-        byte = raw[bad.start]
-        return f"not valid UTF-8: byte 0x{byte:02x} at offset {bad.start} of the message"
-    return f"not valid JSON: {exc}"
+        offset = position + bad.start
+        return f"not valid UTF-8: byte 0x{raw[offset]:02x} at offset {offset} of the message"
+    finally:
+        view.release()
+    return None

@@ -17,7 +17,6 @@ usual judge, as is a stream keyed by content, which needs the parse.
 
 from __future__ import annotations
 
-import codecs
 import functools
 import re
 from array import array
@@ -27,12 +26,11 @@ from typing import Any
 import msgspec
 import orjson
 
-from flespi_receiver.json_scan import MAX_DEPTH, string_end, why_invalid
+from flespi_receiver.json_scan import MAX_DEPTH, escaped, invalid_utf8, string_end, why_invalid
 from flespi_receiver.splitter import deep_enough
 
 # elements larger than this (bytes) are judged here
 LARGE_ELEMENT = 1024 * 1024
-_UTF8_SLICE = 1024 * 1024
 _QUOTE_OR_BRACKET = re.compile(rb'["\[\]{}]')
 _COLON_NEXT = re.compile(rb"[ \t\n\r]*:")
 _WHITESPACE = re.compile(rb"[ \t\n\r]*")
@@ -82,11 +80,11 @@ def judge_large(raw: bytes, names: Collection[str]) -> dict[str, Any] | str:
         return _orjson_reason(raw)
     except RecursionError:
         # deeper than even deep_enough() reads: the scan says so, else the usual judge
-        problem = _invalid_utf8(raw) or _structure_problem(raw, keys=False)
+        problem = invalid_utf8(raw) or _structure_problem(raw, keys=False)
         if problem is None:
             raise TooDeep from None
         return problem
-    problem = _invalid_utf8(raw) or _structure_problem(raw, keys=known is not None)
+    problem = invalid_utf8(raw) or _structure_problem(raw, keys=known is not None)
     if problem is not None:
         return problem
     if known is None:
@@ -108,26 +106,6 @@ def _known_decoder(names: tuple[str, ...]) -> msgspec.json.Decoder[Any]:
 
 def _kind(first: int) -> str:
     return _KINDS.get(first, "a number")
-
-
-def _invalid_utf8(raw: bytes) -> str | None:
-    """Why `raw` is not valid UTF-8 (as messages.judge_element says it), else None; decoded
-    a slice at a time, so that this costs a slice, not the text."""
-    if raw.isascii():
-        return None
-    view = memoryview(raw)
-    position = 0
-    try:
-        while position < len(raw):
-            end = position + _UTF8_SLICE
-            _, consumed = codecs.utf_8_decode(view[position:end], "strict", end >= len(raw))
-            position += consumed
-    except UnicodeDecodeError as bad:
-        offset = position + bad.start
-        return f"not valid UTF-8: byte 0x{raw[offset]:02x} at offset {offset} of the message"
-    finally:
-        view.release()
-    return None
 
 
 def _structure_problem(raw: bytes, *, keys: bool) -> str | None:
@@ -258,10 +236,7 @@ def _has_nul_escape(raw: bytes) -> bool:
     escaped, i.e. follows an even number of backslashes."""
     position = raw.find(_NUL_ESCAPE)
     while position != -1:
-        backslashes = 0
-        while position - 1 - backslashes >= 0 and raw[position - 1 - backslashes] == 0x5C:
-            backslashes += 1
-        if backslashes % 2 == 0:
+        if not escaped(raw, position):
             return True
         position = raw.find(_NUL_ESCAPE, position + 1)
     return False
