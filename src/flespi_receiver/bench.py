@@ -446,7 +446,7 @@ async def run_benchmark(
     )
     summary = report(runs, round_ratios)
     for batch in summary["batches"]:
-        # the known-field model's share, on this run's own messages and receiver rate
+        # the known-field model's share: messages like the run's (its generator and fleet)
         encoded = encode_messages(sample_messages(min(count, 5000), devices=workload.devices))
         cost = model_cost(encoded, batch[RECEIVER_RUN]["rate"], batch["receiver_vs_copy"])
         batch["known_field_model"] = cost

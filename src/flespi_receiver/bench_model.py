@@ -1,9 +1,9 @@
 """What the pydantic model of a message's known fields costs, next to a measured receiver rate.
 
 The receiver's rate comes from `flespi-receiver bench`; the model is timed here, in the same
-run, on the same sample messages, exactly as the receiver calls it (MessageFields.columns on
-each parsed message). Its share of the receiver's time per message is the most the
-receiver/COPY ratio could rise without it: ratio x share.
+run, on sample messages of the same generator and fleet, exactly as the receiver calls it
+(MessageFields.columns on each parsed message). Its share of the receiver's time per message
+is the most the receiver/COPY ratio could rise without it: ratio x share.
 """
 
 from __future__ import annotations
