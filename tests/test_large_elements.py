@@ -225,7 +225,11 @@ async def test_the_same_large_content_refused_twice_at_once_is_kept_once(
 async def test_a_body_of_a_large_message_counts_as_several_bodies_in_flight(
     receiver: Any, db: asyncpg.Connection
 ) -> None:
-    client = await receiver(extra="bodies_in_flight = 3", database="acquire_timeout = 1")
+    # a large message is held about three times: a body of 2 MiB needs three slots of 3 MiB
+    client = await receiver(
+        extra=f"bodies_in_flight = 3\nmax_body_size = {3 * 1024 * 1024}",
+        database="acquire_timeout = 1",
+    )
     ordinary = orjson.dumps([{"ident": f"d{i}", "n": "x" * 200} for i in range(400)])
     # one ordinary body in flight, half sent: one slot of three taken
     slow = await asyncio.to_thread(
@@ -234,7 +238,7 @@ async def test_a_body_of_a_large_message_counts_as_several_bodies_in_flight(
     large = b'[{"ident":"big","s":"' + b"x" * (2 * LARGE_ELEMENT) + b'"}]'
     refused = await client.post("/flespi", data=io.BytesIO(large), headers=AUTH)
     assert refused.status == 503
-    assert "counts as several bodies in flight" in (await refused.json())["error"]
+    assert "needs more memory than one body in flight" in (await refused.json())["error"]
     assert refused.headers["Retry-After"] == "1"
     assert await count(db) == 0
     # the ordinary body ends; then there is room for the large one

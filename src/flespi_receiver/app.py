@@ -10,6 +10,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from flespi_receiver.body_slots import BodySlots
 from flespi_receiver.config import Settings, mask_url
 from flespi_receiver.connection import reply_headers
 from flespi_receiver.device_state import BatchEffects
@@ -205,8 +206,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
         server.max_body_size,
         server.body_timeout,
         server.min_body_rate,
-        asyncio.Semaphore(server.bodies_in_flight),
-        server.bodies_in_flight,
+        BodySlots(server.bodies_in_flight),
         max(1, server.bodies_in_flight - (len(settings.streams) - 1)),
     )
     app[METRICS] = metrics = Metrics()

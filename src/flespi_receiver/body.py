@@ -124,16 +124,15 @@ class BodyReader:
         self._complete = False
         self.received = 0  # bytes as sent
         self.size = 0  # bytes after decompression
-        # waits until the receiver has room for a body that costs several times its size: one
-        # holding a large element, or one read whole for the careful path (else raises
-        # BodyTooBusy); None: no such accounting
-        self.make_room: Callable[[], Awaitable[None]] | None = None
+        # takes room in the memory for bodies in flight for this many bytes, waiting for it
+        # (else raises BodyTooBusy); None: no such accounting (body_slots.py)
+        self.make_room: Callable[[int], Awaitable[None]] | None = None
 
-    async def take_more_room(self) -> None:
-        """Count this body as several in flight (see make_room), once."""
+    async def need(self, size: int) -> None:
+        """Hold room for `size` bytes of memory (the body and what is made of it, body_cost.py)
+        before holding more. Raises BodyTooBusy when there was no room."""
         if self.make_room is not None:
-            make_room, self.make_room = self.make_room, None
-            await make_room()
+            await self.make_room(size)
 
     def remaining(self) -> float:
         """Seconds left for the body to arrive (0 once past its deadline)."""

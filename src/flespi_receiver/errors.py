@@ -59,9 +59,9 @@ class ShutdownTimeout(BodyError):
 
 
 class BodyTooBusy(BodyError):
-    """A body turned out to cost several times its size (a large element, or the careful
-    path) and the bodies in flight left no room for that (server.bodies_in_flight) within
-    database.acquire_timeout."""
+    """A body needed more of the memory for bodies in flight than it held (body_slots.py) and
+    no room came within database.acquire_timeout, or could ever come (every slot held by
+    bodies waiting for more)."""
 
 
 class BodyIncomplete(BodyError):

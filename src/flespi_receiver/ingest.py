@@ -8,7 +8,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 import structlog
@@ -16,6 +16,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from flespi_receiver.body import BodyReader, content_coding
+from flespi_receiver.body_slots import BodySlots, Holding
 from flespi_receiver.config import StreamSettings
 from flespi_receiver.device_state import DEFAULT_EFFECTS, BatchEffects
 from flespi_receiver.errors import (
@@ -62,23 +63,15 @@ class BatchReply(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per body: bytes after decompression, seconds, bytes per second; bodies at once, in all
-    and per stream."""
+    """Per body: bytes after decompression, seconds, bytes per second; the memory for bodies in
+    flight (slots of max_body_size bytes) and how many bodies one stream may have at once."""
 
     max_body_size: int
     body_timeout: float
     min_body_rate: int
-    bodies_in_flight: asyncio.Semaphore
-    bodies_allowed: int  # the semaphore's size: server.bodies_in_flight
-    # at most this many of them for one stream (bodies_in_flight less one per other stream)
+    body_slots: BodySlots  # server.bodies_in_flight slots
+    # at most this many bodies for one stream (bodies_in_flight less one per other stream)
     bodies_per_stream: int = 1
-    # what a body that costs several times its size counts as: one holding a large element
-    # (large_element.py: its text is held about three times while it arrives, is judged and
-    # is sent on) or one read whole for the careful path (the body joined, each message
-    # apart); bench --memory-shapes
-    costly_body_slots: int = 3
-    # one such body at a time takes its slots (see IngestHandler._answer)
-    costly: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def json_response(status: int, body: dict[str, object], **headers: str) -> web.Response:
@@ -233,43 +226,43 @@ class StreamEndpoint:
         expect = request.headers.get("Expect")
         if expect is not None and expect.strip().lower() != "100-continue":
             return error_response(417, f"Expect {expect!r} is not supported"), None, 0
+        # bodies are held in memory while they arrive and are stored: bound that memory, and
+        # how many bodies one stream may have (a leaked token must not stall the other streams)
+        timeout = self.pool_limits.acquire_timeout
+        slots = self.limits.body_slots
         try:
-            # bodies are held in memory while they arrive and are stored: bound how many, and
-            # how many one stream may take (a leaked token must not stall the other streams)
-            async with asyncio.timeout(self.pool_limits.acquire_timeout):
+            async with asyncio.timeout(timeout):
                 await self.stream_bodies.acquire()
-                try:
-                    await self.limits.bodies_in_flight.acquire()
-                except BaseException:
-                    self.stream_bodies.release()
-                    raise
         except TimeoutError:
             return self._busy(), None, 0
-        held = 1  # slots of bodies_in_flight this body holds
-
-        async def make_room() -> None:
-            # a body that costs several times its size counts as several, so that the memory
-            # for bodies stays within max_body_size x bodies_in_flight. Two such bodies each
-            # holding a slot and waiting for more would wait for each other: the body gives
-            # its slot back, then takes them all, one such body at a time.
-            nonlocal held
-            limits = self.limits
-            wanted = min(limits.costly_body_slots, limits.bodies_allowed)
-            limits.bodies_in_flight.release()
-            held -= 1
-            try:
-                async with asyncio.timeout(self.pool_limits.acquire_timeout), limits.costly:
-                    while held < wanted:
-                        await limits.bodies_in_flight.acquire()
-                        held += 1
-            except TimeoutError:
-                raise BodyTooBusy from None
-
+        holding = Holding()
         try:
+            try:
+                async with asyncio.timeout(timeout):
+                    await slots.take(holding, 1)
+            except TimeoutError:
+                return self._busy(), None, 0
+            max_body_size = self.limits.max_body_size
+
+            async def make_room(size: int) -> None:
+                # what the body holds grew past its slots: take more (see body_slots.py)
+                wanted = -(-size // max_body_size)
+                if wanted > slots.total and holding.slots < slots.total:
+                    bound.warning(
+                        "body needs more memory than all bodies in flight may hold; it is "
+                        "stored alone",
+                        needed=size,
+                        allowed=slots.total * max_body_size,
+                    )
+                try:
+                    async with asyncio.timeout(timeout):
+                        await slots.take(holding, wanted)
+                except TimeoutError:
+                    raise BodyTooBusy from None
+
             return await self._receive_and_store(request, stream, coding, bound, make_room)
         finally:
-            for _ in range(held):
-                self.limits.bodies_in_flight.release()
+            slots.release(holding)
             self.stream_bodies.release()
 
     async def _receive_and_store(
@@ -278,7 +271,7 @@ class StreamEndpoint:
         stream: StreamSettings,
         coding: str,
         bound: structlog.typing.FilteringBoundLogger,
-        make_room: Callable[[], Awaitable[None]],
+        make_room: Callable[[int], Awaitable[None]],
     ) -> tuple[web.Response, StoreResult | None, int]:
         if request.headers.get("Expect") is not None:
             # everything that could refuse the request has had its say and a slot for the body
@@ -316,9 +309,10 @@ class StreamEndpoint:
         except BodyTooBusy:
             reply = error_response(
                 503,
-                "a body holding a large message, or one stored message by message (a resent "
-                "batch), counts as several bodies in flight and there was no room for it "
-                "(server.bodies_in_flight); nothing was stored",
+                "the body needs more memory than one body in flight and there was no room for "
+                "it (server.bodies_in_flight slots of server.max_body_size bytes; a large "
+                "body, one holding a large message, or one stored message by message like a "
+                "resent batch); nothing was stored",
                 **{"Retry-After": "1"},
             )
             return _broken(reply), None, reader.received

@@ -14,6 +14,7 @@ import msgspec
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
+from flespi_receiver import body_cost
 from flespi_receiver.body import BodyReader
 from flespi_receiver.copy_format import (
     HEADER,
@@ -184,7 +185,8 @@ async def _store_batch(
         # refuses such content takes the careful way, which decides between 400 and 422
         set_aside: list[Rejected] | None = [] if quarantine else None
         distinct = Distinct()  # a copy of a message within the batch is counted, not stored
-        rows = _streamed_rows(stream, body, fields, fold, set_aside, distinct)
+        split = body_cost.Split()
+        rows = _streamed_rows(stream, body, fields, fold, split, set_aside, distinct)
         streamed = await _copy_optimistically(
             conn, stream, rows, fold, effects, limit, command_timeout, arrival, set_aside
         )
@@ -192,7 +194,7 @@ async def _store_batch(
             return _copied(streamed, set_aside, STREAMED_PATH, distinct.repeated)
         await rows.aclose()  # lets go of what the splitter held before the body is joined
         # the careful path holds the body joined and each message apart: room for that first
-        await body.take_more_room()
+        await body.need(body_cost.careful(body.size, split))
         body = await body.read_all()
         if set_aside is not None and len(set_aside) > MAX_REJECTED_ELEMENTS:
             # more refused elements than are kept apart: the body is kept whole, as the careful
@@ -381,22 +383,27 @@ async def _streamed_rows(
     body: BodyReader,
     fields: MessageFields,
     fold: DeviceFold,
+    split: body_cost.Split,
     rejected: list[Rejected] | None = None,
     distinct: Distinct | None = None,
 ) -> AsyncGenerator[bytes | memoryview, None]:
     """The COPY data of a body that is still arriving, encoded as its messages come in:
     PostgreSQL works on the first rows while the rest of the body is on its way. Content to
-    quarantine is appended to `rejected` (see exact_messages)."""
+    quarantine is appended to `rejected` (see exact_messages). `split` counts what was split;
+    before each piece the body takes room for what it holds (body_cost.streamed)."""
     splitter = ElementSplitter()
     field = stream_field(stream)
     yield HEADER
     async for data in body.chunks():
+        devices = len(fold.latest) + len(fold.every)
+        pending = splitter.pending + len(data)  # at most, once the piece is in
+        await body.need(body_cost.streamed(body.size, pending, split, devices))
         elements = await judged_large_apart(splitter.feed(data), fields)
+        split.elements += len(elements)
+        split.size += len(data)
         messages = exact_messages(elements, fields, rejected)
         for chunk in row_chunks(field, messages, fold, distinct):
             yield chunk
-        if splitter.pending > LARGE_ELEMENT:
-            await body.take_more_room()
     # the rest, split whole (in a thread when it is large: maybe by the slower scanner)
     large = splitter.pending > THREADED_DECODE
     ends = await asyncio.to_thread(splitter.finish) if large else splitter.finish()

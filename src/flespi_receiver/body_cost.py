@@ -1,0 +1,62 @@
+"""What a body in flight holds in memory, in bytes, from what is known of it as it is worked on.
+
+The receiver takes room for this in the memory for bodies in flight (body_slots.py) before the
+body holds more, so that `max_body_size x bodies_in_flight` bounds it. The figures are upper
+bounds of what was measured (peak RSS of the receiver over the body's size, `flespi-receiver
+bench --memory-shapes` and tests/test_body_memory.py), with a margin for the allocator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flespi_receiver.large_element import LARGE_ELEMENT
+
+# every body: a piece of decompressed data, the decompressor's window, a chunk of rows
+PER_BODY = 512 * 1024
+# a body stored while it arrives: its chunks (kept in case the careful path needs the whole),
+# the piece being split, the rows on their way
+STREAMED_PER_BYTE = 1.5
+# per message: its identity, kept to count a copy of it later in the batch
+STREAMED_PER_MESSAGE = 120
+# per device: its latest message (or every message, merge mode) in the batch's fold
+STREAMED_PER_DEVICE = 300
+# an element over LARGE_ELEMENT is held twice more while it arrives and is judged (large_element.py)
+LARGE_ELEMENT_COPIES = 2
+# a body stored message by message (a resent batch, a message PostgreSQL refused): joined, then
+# each message parsed apart (its text, its object, its columns)
+CAREFUL_PER_BYTE = 3
+CAREFUL_PER_MESSAGE = 1500
+
+
+@dataclass(slots=True)
+class Split:
+    """How much of a body was split into elements so far: elements, bytes."""
+
+    elements: int = 0
+    size: int = 0
+
+    def estimated_elements(self, body_size: int) -> int:
+        """The elements of a body of `body_size` bytes, at the rate seen so far."""
+        if not self.size:
+            return self.elements
+        return max(self.elements, self.elements * body_size // self.size)
+
+
+def streamed(size: int, pending: int, split: Split, devices: int) -> int:
+    """Bytes held by a body of `size` bytes so far, stored while it arrives, with `pending`
+    bytes of an element not yet split, `devices` in its fold."""
+    large = pending * LARGE_ELEMENT_COPIES if pending > LARGE_ELEMENT else 0
+    return int(
+        PER_BODY
+        + size * STREAMED_PER_BYTE
+        + large
+        + split.elements * STREAMED_PER_MESSAGE
+        + devices * STREAMED_PER_DEVICE
+    )
+
+
+def careful(size: int, split: Split) -> int:
+    """Bytes held by a body of `size` bytes stored message by message."""
+    elements = split.estimated_elements(size)
+    return PER_BODY + size * CAREFUL_PER_BYTE + elements * CAREFUL_PER_MESSAGE
