@@ -18,9 +18,9 @@ PER_BODY = 512 * 1024
 # the piece being split, the rows on their way
 STREAMED_PER_BYTE = 1.5
 # per message: its identity, kept to count a copy of it later in the batch
-STREAMED_PER_MESSAGE = 120
+STREAMED_PER_MESSAGE = 150
 # per device: its latest message (or every message, merge mode) in the batch's fold
-STREAMED_PER_DEVICE = 300
+STREAMED_PER_DEVICE = 450
 # an element over LARGE_ELEMENT is held twice more while it arrives and is judged (large_element.py)
 LARGE_ELEMENT_COPIES = 2
 # a body stored message by message (a resent batch, a message PostgreSQL refused): joined, then
