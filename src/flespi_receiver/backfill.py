@@ -15,18 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from flespi_receiver.copy_in import Connection
 from flespi_receiver.device_state import AS_RECEIVER, session_effects
 from flespi_receiver.errors import ConfigError
 from flespi_receiver.fields import MessageFields, names_in
 from flespi_receiver.flespi_api import FlespiApi
 from flespi_receiver.messages import Message, Rejected, decode_batch
 from flespi_receiver.migrate import pending_migrations
-from flespi_receiver.store import (
-    Connection,
-    chunk_transaction,
-    store_decoded,
-    store_rejected,
-)
+from flespi_receiver.rejected_store import store_rejected
+from flespi_receiver.store import chunk_transaction, store_decoded
 
 PAGE_SIZE = 1000
 STREAM_IDENTITY = "SELECT identity, finished_at FROM stream_identity WHERE stream = $1"

@@ -12,8 +12,8 @@ import asyncpg
 import structlog
 
 from flespi_receiver.config import ColumnSettings
+from flespi_receiver.copy_in import Connection
 from flespi_receiver.indexes import ensure_index
-from flespi_receiver.store import Connection
 
 log = structlog.get_logger("flespi_receiver.columns")
 

@@ -16,7 +16,7 @@ from typing import TypeVar
 import asyncpg
 import structlog
 
-from flespi_receiver.store import Connection
+from flespi_receiver.copy_in import Connection
 
 log = structlog.get_logger("flespi_receiver.ddl")
 

@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from flespi_receiver.store import Connection
+from flespi_receiver.copy_in import Connection
 
 # How many devices (distinct idents; messages without one count as one) each stream heard from
 # in each bucket of device time; the time before `since` and messages dated in the future (a

@@ -6,12 +6,12 @@ import asyncio
 
 from aiohttp import web
 
+from flespi_receiver.copy_in import Connection
 from flespi_receiver.failures import DatabaseState, database_kind
 from flespi_receiver.ingest import error_response, json_response
 from flespi_receiver.migrate import pending_migrations
 from flespi_receiver.pooled import borrowed
 from flespi_receiver.state import ACCEPTING, DATABASE_HEALTH, POOL, SCHEMA
-from flespi_receiver.store import Connection
 
 READY_TIMEOUT = 3.0
 

@@ -18,9 +18,9 @@ import asyncpg
 import orjson
 import structlog
 
+from flespi_receiver.copy_in import Connection
 from flespi_receiver.errors import ConfigError
 from flespi_receiver.identity import Identity, canonical_identity
-from flespi_receiver.store import Connection
 
 log = structlog.get_logger("flespi_receiver.identity_upgrade")
 

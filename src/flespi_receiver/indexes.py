@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 
 import structlog
 
+from flespi_receiver.copy_in import Connection
 from flespi_receiver.ddl import with_short_locks
-from flespi_receiver.store import Connection
 
 log = structlog.get_logger("flespi_receiver.indexes")
 

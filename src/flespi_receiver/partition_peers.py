@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flespi_receiver.config import PartitioningSettings
-from flespi_receiver.store import Connection
+from flespi_receiver.copy_in import Connection
 
 INTERVALS = ("none", "day", "week", "month")
 # retention in hours shares the second key with the interval: 28 bits, about 30 000 years

@@ -16,6 +16,7 @@ import asyncpg
 import structlog
 
 from flespi_receiver.config import PartitioningSettings
+from flespi_receiver.copy_in import Connection
 from flespi_receiver.ddl import LocksBusy, with_short_locks
 from flespi_receiver.device_state import DEVICE_STATE_VIEW, KEEP_STATE_OF_DROPPED
 from flespi_receiver.errors import ConfigError
@@ -28,7 +29,6 @@ from flespi_receiver.partition_peers import (
     other_retentions,
     retention_hours,
 )
-from flespi_receiver.store import Connection
 from flespi_receiver.trigger import CREATE_TRIGGER
 
 log = structlog.get_logger("flespi_receiver.partitions")

@@ -16,10 +16,12 @@ from datetime import datetime
 
 import asyncpg
 
+from flespi_receiver.copy_in import Connection
 from flespi_receiver.device_state import AS_RECEIVER, BatchEffects, session_effects
 from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.messages import DecodedBatch, Message, Rejected, decode_batch
-from flespi_receiver.store import Connection, chunk_transaction, store_decoded, store_rejected
+from flespi_receiver.rejected_store import store_rejected
+from flespi_receiver.store import chunk_transaction, store_decoded
 
 # The rows a replay selects; $1..$4 are optional filters (NULL: any), $5/$6 the key of the last
 # row seen. The primary key (stream, id) serves both the order and the next chunk.

@@ -4,28 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
 import structlog
-from asyncpg.pool import PoolConnectionProxy
 
 from flespi_receiver import body_cost
 from flespi_receiver.body import BodyReader
 from flespi_receiver.copy_format import (
     HEADER,
-    REJECTED_COLUMNS,
     TRAILER,
     Distinct,
     copy_chunks,
-    rejected_chunks,
     row_chunks,
     stream_field,
 )
+from flespi_receiver.copy_in import Connection, as_async, copy_rows, existing, unless_careful
 from flespi_receiver.device_state import (
     DEFAULT_EFFECTS,
     BatchEffects,
@@ -36,9 +34,8 @@ from flespi_receiver.device_state import (
 )
 from flespi_receiver.errors import BatchRejected
 from flespi_receiver.failures import DatabaseState, shared_kind, state_kind
-from flespi_receiver.fields import DEFAULT_FIELDS, MESSAGE_COLUMNS, MessageFields, as_datetime
+from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields, as_datetime
 from flespi_receiver.json_scan import split_array
-from flespi_receiver.large_element import LARGE_ELEMENT
 from flespi_receiver.messages import (
     MAX_REJECTED_ELEMENTS,
     DecodedBatch,
@@ -50,21 +47,16 @@ from flespi_receiver.messages import (
     judged_large_apart,
     kept_whole,
 )
-from flespi_receiver.splitter import ElementSplitter, NotExact, split_elements, without_bom
+from flespi_receiver.rejected_store import (
+    INSERT_REJECTED_ALSO,
+    quarantined,
+    rejected_arrays,
+    store_rejected,
+)
+from flespi_receiver.splitter import ElementSplitter, split_elements, without_bom
 from flespi_receiver.timeouts import bound_streamed, client_timeout
 
 log = structlog.get_logger("flespi_receiver.store")
-
-# a plain connection or one borrowed from the pool
-Connection = asyncpg.Connection | PoolConnectionProxy
-
-# Which of these messages does the stream already hold?
-EXISTING_MESSAGES = """
-SELECT m.message_hash
-FROM unnest($2::timestamptz[], $3::bytea[]) AS k(partition_ts, message_hash)
-JOIN messages m
-  ON m.stream = $1 AND m.partition_ts = k.partition_ts AND m.message_hash = k.message_hash
-"""
 
 # The careful insert: skips what another receiver committed meanwhile, and says what it stored.
 INSERT_MESSAGES = """
@@ -75,23 +67,6 @@ SELECT $1, * FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::b
                          $10::jsonb[], $11::bytea[])
 ON CONFLICT (stream, partition_ts, message_hash) DO NOTHING
 RETURNING id
-"""
-
-INSERT_REJECTED = """
-INSERT INTO rejected_messages (stream, raw, reason, raw_hash)
-SELECT $1, * FROM unnest($2::bytea[], $3::text[], $4::bytea[])
-ON CONFLICT (stream, raw_hash) DO NOTHING
-"""
-
-# The same, run by a small batch's one statement beside its INSERT (small_batch_statement)
-INSERT_REJECTED_ALSO = """
-INSERT INTO rejected_messages (stream, raw, reason, raw_hash)
-SELECT $1, * FROM unnest($12::bytea[], $13::text[], $14::bytea[])
-ON CONFLICT (stream, raw_hash) DO NOTHING
-"""
-
-QUARANTINED = """
-SELECT raw_hash FROM rejected_messages WHERE stream = $1 AND raw_hash = ANY($2::bytea[])
 """
 
 _T = TypeVar("_T")
@@ -229,7 +204,7 @@ async def _store_careful(
         if not quarantine and rejected:
             raise BatchRejected(rejected[0].reason)
         if rejected:
-            await _store_rejected(conn, stream, rejected)
+            await store_rejected(conn, stream, rejected)
         refused = {item.raw for item in rejected}
         kept = (m for m in batch.messages if m.raw not in refused)
         await _finish(conn, stream, effects, _fold(kept, effects), stored)
@@ -296,7 +271,7 @@ async def _store_optimistically(
         fold = DeviceFold(effects.merge)
         messages = exact_messages(elements, fields, set_aside)
         distinct = Distinct()
-        copy_data = _as_async(copy_chunks(stream, messages, fold, distinct))
+        copy_data = as_async(copy_chunks(stream, messages, fold, distinct))
         stored = await _copy_optimistically(
             conn, stream, copy_data, fold, effects, rejected=set_aside
         )
@@ -315,7 +290,7 @@ async def _store_optimistically(
                 fold.add(message, message.columns, message.identity)
         if not records:
             if set_aside:
-                await _store_rejected(conn, stream, set_aside)
+                await store_rejected(conn, stream, set_aside)
             return 0
         arrays = [list(column) for column in zip(*records, strict=True)][1:]
         if set_aside:
@@ -323,13 +298,13 @@ async def _store_optimistically(
             statement, extra = small_batch_statement(
                 effects, INSERT_MESSAGES, fold, 15, also=INSERT_REJECTED_ALSO
             )
-            arrays += _rejected_arrays(set_aside)
+            arrays += rejected_arrays(set_aside)
         else:
             statement, extra = small_batch_statement(effects, INSERT_MESSAGES, fold, 12)
         stored = await conn.fetchval(statement, stream, *arrays, *extra)
         return int(stored)
 
-    stored = await _unless_careful(insert())
+    stored = await unless_careful(insert())
     if stored is None:
         return None
     rejected = len(set_aside) if set_aside else 0
@@ -368,14 +343,14 @@ async def _copy_optimistically(
         async with conn.transaction():
             if command_timeout is not None:
                 await bound_streamed(conn, command_timeout, arrival)
-            stored = await _copy(conn, copy_data, limit)
+            stored = await copy_rows(conn, copy_data, limit)
             if rejected:  # complete now: the COPY has read all its data
-                await _store_rejected(conn, stream, rejected)
+                await store_rejected(conn, stream, rejected)
             if stored:
                 await _finish(conn, stream, effects, fold, Stored.copied(fold))
             return stored
 
-    return await _unless_careful(copy())
+    return await unless_careful(copy())
 
 
 async def _streamed_rows(
@@ -413,20 +388,6 @@ async def _streamed_rows(
     yield TRAILER
 
 
-async def _unless_careful(attempt: Coroutine[Any, Any, _T]) -> _T | None:
-    """The attempt's result, or None when it met something only the careful path handles."""
-    try:
-        return await attempt
-    except NotExact:
-        return None
-    except asyncpg.PostgresError as exc:
-        # a message stored before (a re-sent batch), a message PostgreSQL refuses, or a state
-        # only the careful path, message by message, tells apart from content
-        if state_kind(exc) is not None:
-            raise
-        return None
-
-
 async def _store_messages(
     conn: Connection, stream: str, messages: list[Message], rejected: list[Rejected]
 ) -> Stored | None:
@@ -439,11 +400,9 @@ async def _store_messages(
     # a deferred constraint would refuse a message only at COMMIT, where no message can be
     # told apart: checked at each statement instead, so that one message's refusal is its own
     await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
-    keys = [(as_datetime(m.columns[-1]), identity) for identity, m in by_identity.items()]
-    found = await conn.fetch(EXISTING_MESSAGES, stream, *map(list, zip(*keys, strict=True)))
-    existing = {row[0] for row in found}
+    stored_before = await existing(conn, stream, by_identity.values())
     # arrival order, so that ids increase in the order flespi sent the messages
-    fresh = [(i, m) for i, m in by_identity.items() if i not in existing]
+    fresh = [(i, m) for i, m in by_identity.items() if i not in stored_before]
     if not fresh:
         return None
     copied = DeviceFold(merge=False)
@@ -452,9 +411,9 @@ async def _store_messages(
         async with conn.transaction():
             # COPY is the fastest way in; it fails as a whole if another receiver got there first
             chunks = copy_chunks(stream, (message for _, message in fresh), copied)
-            return await _copy(conn, _as_async(chunks))
+            return await copy_rows(conn, as_async(chunks))
 
-    if await _unless_careful(copy()) is not None:
+    if await unless_careful(copy()) is not None:
         return Stored.copied(copied)
     # another receiver stored some of these meanwhile, or PostgreSQL refused one of them
     records = [_record(stream, message) for _, message in fresh]
@@ -463,31 +422,11 @@ async def _store_messages(
         async with conn.transaction():
             return await _insert_skipping_conflicts(conn, records)
 
-    ids = await _unless_careful(insert())
+    ids = await unless_careful(insert())
     if ids is None:
-        settled = [m for i, m in by_identity.items() if i in existing]
+        settled = [m for i, m in by_identity.items() if i in stored_before]
         ids = await _insert_one_by_one(conn, stream, records, fresh, rejected, settled)
     return Stored(len(ids), min(ids), max(ids)) if ids else None
-
-
-async def _copy(
-    conn: Connection, copy_data: AsyncIterator[bytes | memoryview], limit: float | None = None
-) -> int:
-    """COPY into messages; returns the number of rows stored, from PostgreSQL's "COPY n".
-
-    `limit`: seconds for the whole COPY, source included; None: the connection's default.
-    """
-    # asyncpg takes any buffer, not only bytes: it copies each chunk into a CopyData message
-    source = cast(AsyncIterator[bytes], copy_data)
-    status = await conn.copy_to_table(
-        "messages", source=source, columns=MESSAGE_COLUMNS, format="binary", timeout=limit
-    )
-    return int(status.rsplit(" ", 1)[1])
-
-
-async def _as_async(chunks: Iterator[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
-    for chunk in chunks:
-        yield chunk
 
 
 async def _insert_skipping_conflicts(conn: Connection, records: list[tuple[Any, ...]]) -> list[int]:
@@ -530,7 +469,7 @@ async def _insert_one_by_one(
         succeeded = await _still_insertable(conn, stream, settled[0])
     if failed and not succeeded:
         # a resent batch: what was quarantined before gets the same answer
-        known = await _quarantined(conn, stream, [m.raw for m, _ in failed])
+        known = await quarantined(conn, stream, [m.raw for m, _ in failed])
         for message, error in failed:
             kind = shared_kind(error)
             if kind is not None and identity_of(message.raw) not in known:
@@ -561,54 +500,6 @@ async def _still_insertable(conn: Connection, stream: str, message: Message) -> 
     return 1
 
 
-async def _quarantined(conn: Connection, stream: str, raws: list[bytes]) -> set[bytes]:
-    """Identities of those of `raws` the stream's rejected_messages holds already."""
-    hashes = [identity_of(raw) for raw in raws]
-    found = await conn.fetch(QUARANTINED, stream, hashes)
-    return {row[0] for row in found}
-
-
-def _rejected_arrays(rejected: Iterable[Rejected]) -> list[list[Any]]:
-    """INSERT_REJECTED's arrays: raw, reason, raw_hash."""
-    items = list(rejected)
-    return [
-        [item.raw for item in items],
-        [item.reason for item in items],
-        [identity_of(item.raw) for item in items],
-    ]
-
-
-async def _store_rejected(conn: Connection, stream: str, rejected: Iterable[Rejected]) -> None:
-    items = []
-    for item in rejected:
-        if len(item.raw) > LARGE_ELEMENT:
-            await _store_large_rejected(conn, stream, item)
-        else:
-            items.append(item)
-    if items:
-        await conn.execute(INSERT_REJECTED, stream, *_rejected_arrays(items))
-
-
-async def _store_large_rejected(conn: Connection, stream: str, item: Rejected) -> None:
-    """Keep one large piece of content aside by COPY, which sends it in slices: as a query
-    parameter it would be copied whole, twice, into the receiver's memory."""
-    identity = identity_of(item.raw)
-    if await _quarantined(conn, stream, [item.raw]):
-        return
-    chunks = rejected_chunks(stream, item.raw, item.reason, identity)
-    try:
-        # in a savepoint: another receiver may keep the same content at the same time
-        async with conn.transaction():
-            await conn.copy_to_table(
-                "rejected_messages",
-                source=cast(AsyncIterator[bytes], _as_async(chunks)),
-                columns=REJECTED_COLUMNS,
-                format="binary",
-            )
-    except asyncpg.UniqueViolationError:
-        pass  # kept by the other one: once per (stream, raw) either way
-
-
 async def store_decoded(
     conn: Connection,
     stream: str,
@@ -627,12 +518,6 @@ async def store_decoded(
     kept = (m for m in messages if m.raw not in refused)
     await _finish(conn, stream, effects, _fold(kept, effects), stored)
     return stored.count if stored else 0
-
-
-async def store_rejected(conn: Connection, stream: str, rejected: Iterable[Rejected]) -> None:
-    """Keep content aside in rejected_messages, once per (stream, raw); in the caller's
-    transaction."""
-    await _store_rejected(conn, stream, rejected)
 
 
 @asynccontextmanager

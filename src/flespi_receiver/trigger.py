@@ -15,7 +15,7 @@ from typing import Literal
 import structlog
 
 from flespi_receiver.config import DatabaseSettings
-from flespi_receiver.store import Connection
+from flespi_receiver.copy_in import Connection
 
 log = structlog.get_logger("flespi_receiver.trigger")
 

@@ -1,0 +1,73 @@
+"""COPY into `messages`, and which messages a stream holds already: what every way of storing a
+batch shares (store.py, resent.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from typing import Any, TypeVar, cast
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from flespi_receiver.failures import state_kind
+from flespi_receiver.fields import MESSAGE_COLUMNS, as_datetime
+from flespi_receiver.messages import Message
+from flespi_receiver.splitter import NotExact
+
+# a plain connection or one borrowed from the pool
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+# Which of these messages does the stream already hold?
+EXISTING_MESSAGES = """
+SELECT m.message_hash
+FROM unnest($2::timestamptz[], $3::bytea[]) AS k(partition_ts, message_hash)
+JOIN messages m
+  ON m.stream = $1 AND m.partition_ts = k.partition_ts AND m.message_hash = k.message_hash
+"""
+
+_T = TypeVar("_T")
+
+
+async def existing(conn: Connection, stream: str, messages: Iterable[Message]) -> set[bytes]:
+    """The identities of those of `messages` the stream holds already."""
+    times: list[Any] = []
+    identities: list[bytes] = []
+    for message in messages:
+        times.append(as_datetime(message.columns[-1]))
+        identities.append(message.identity)
+    found = await conn.fetch(EXISTING_MESSAGES, stream, times, identities)
+    return {row[0] for row in found}
+
+
+async def copy_rows(
+    conn: Connection, copy_data: AsyncIterator[bytes | memoryview], limit: float | None = None
+) -> int:
+    """COPY into messages; returns the number of rows stored, from PostgreSQL's "COPY n".
+
+    `limit`: seconds for the whole COPY, source included; None: the connection's default.
+    """
+    # asyncpg takes any buffer, not only bytes: it copies each chunk into a CopyData message
+    source = cast(AsyncIterator[bytes], copy_data)
+    status = await conn.copy_to_table(
+        "messages", source=source, columns=MESSAGE_COLUMNS, format="binary", timeout=limit
+    )
+    return int(status.rsplit(" ", 1)[1])
+
+
+async def as_async(chunks: Iterator[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def unless_careful(attempt: Coroutine[Any, Any, _T]) -> _T | None:
+    """The attempt's result, or None when it met something only the careful path handles."""
+    try:
+        return await attempt
+    except NotExact:
+        return None
+    except asyncpg.PostgresError as exc:
+        # a message stored before (a re-sent batch), a message PostgreSQL refuses, or a state
+        # only the careful path, message by message, tells apart from content
+        if state_kind(exc) is not None:
+            raise
+        return None
