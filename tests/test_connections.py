@@ -392,8 +392,8 @@ async def test_chunked_gzip_bodies_in_flight_are_bounded(
             assert all(statuses[-1] == 200 for statuses in replies), (attempt, replies)
             assert {code for statuses in replies for code in statuses} <= {200, 503}
             # a body of these messages costs more than a slot of max_body_size near its end
-            # (its chunks, its rows, the fold of 4000 devices: two slots), about four when
-            # resent (stored message by message): the bodies take turns, and the memory for
+            # (its chunks, its rows, the fold of 4000 devices: two slots), also when resent
+            # (split again window by window): the bodies take turns, and the memory for
             # bodies stays within max_body_size x bodies_in_flight
             assert peak < in_flight * max_body_size, (attempt, f"peak {peak >> 20} MiB")
     assert await count(db) == uploads * size + in_flight

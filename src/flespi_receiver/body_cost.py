@@ -23,8 +23,8 @@ STREAMED_PER_MESSAGE = 150
 STREAMED_PER_DEVICE = 450
 # an element over LARGE_ELEMENT is held twice more while it arrives and is judged (large_element.py)
 LARGE_ELEMENT_COPIES = 2
-# a body stored message by message (a resent batch, a message PostgreSQL refused): joined, then
-# each message parsed apart (its text, its object, its columns)
+# a body stored message by message (a message PostgreSQL refused, a body that is not an array):
+# joined, then each message parsed apart (its text, its object, its columns)
 CAREFUL_PER_BYTE = 3
 CAREFUL_PER_MESSAGE = 1500
 

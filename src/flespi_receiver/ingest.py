@@ -311,8 +311,8 @@ class StreamEndpoint:
                 503,
                 "the body needs more memory than one body in flight and there was no room for "
                 "it (server.bodies_in_flight slots of server.max_body_size bytes; a large "
-                "body, one holding a large message, or one stored message by message like a "
-                "resent batch); nothing was stored",
+                "body, one holding a large message, or one stored message by message); "
+                "nothing was stored",
                 **{"Retry-After": "1"},
             )
             return _broken(reply), None, reader.received

@@ -53,6 +53,7 @@ from flespi_receiver.rejected_store import (
     rejected_arrays,
     store_rejected,
 )
+from flespi_receiver.resent import store_in_windows
 from flespi_receiver.splitter import ElementSplitter, split_elements, without_bom
 from flespi_receiver.timeouts import bound_streamed, client_timeout
 
@@ -78,8 +79,10 @@ THREADED_DECODE = 1024 * 1024
 
 
 # how a batch was stored (StoreResult.path, the `path` of its `batch` log line): one INSERT
-# statement, one COPY of the whole body, one COPY while the body arrived, or message by message
-INSERT_PATH, COPY_PATH, STREAMED_PATH, CAREFUL_PATH = "insert", "copy", "streamed", "careful"
+# statement, one COPY of the whole body, one COPY while the body arrived, window by window as
+# it was split again (resent.py), or message by message
+INSERT_PATH, COPY_PATH, STREAMED_PATH = "insert", "copy", "streamed"
+WINDOWS_PATH, CAREFUL_PATH = "windows", "careful"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,14 +171,20 @@ async def _store_batch(
         if streamed is not None:
             return _copied(streamed, set_aside, STREAMED_PATH, distinct.repeated)
         await rows.aclose()  # lets go of what the splitter held before the body is joined
-        # the careful path holds the body joined and each message apart: room for that first
-        await body.need(body_cost.careful(body.size, split))
-        body = await body.read_all()
         if set_aside is not None and len(set_aside) > MAX_REJECTED_ELEMENTS:
             # more refused elements than are kept apart: the body is kept whole, as the careful
             # path would decide after decoding every message of it again
-            kept = kept_whole(body, set_aside[0].reason)
+            await body.need(body_cost.careful(body.size, body_cost.Split()))
+            kept = kept_whole(await body.read_all(), set_aside[0].reason)
             return await _store_careful(conn, stream, kept, quarantine, effects)
+        # most often some of its messages were stored before (a resent batch): window by window
+        windows = await store_in_windows(conn, stream, body, fields, quarantine, effects)
+        if windows is not None:
+            messages, stored, duplicates, rejected = windows
+            return StoreResult(messages, stored, duplicates, rejected, path=WINDOWS_PATH)
+        # the careful path holds the body joined and each message apart: room for that first
+        await body.need(body_cost.careful(body.size, split))
+        body = await body.read_all()
     else:
         optimistic = await _store_optimistically(conn, stream, body, fields, effects, quarantine)
         if optimistic is not None:
