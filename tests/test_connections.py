@@ -399,6 +399,32 @@ async def test_chunked_gzip_bodies_in_flight_are_bounded(
     assert await count(db) == uploads * size + in_flight
 
 
+async def test_bodies_told_there_is_no_room_let_go_of_their_memory_at_once(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    uploads, in_flight, max_body_size = 8, 4, 4 * 1024 * 1024
+    # one message of a 3.5 MB string each: held about three times, so each needs every slot
+    # near its end; all sent at once, most are told 503 while they grow, and sent again
+    bodies = [orjson.dumps([{"ident": f"big{i}", "blob": "x" * 3_500_000}]) for i in range(uploads)]
+    server = f"bodies_in_flight = {in_flight}\nmax_body_size = {max_body_size}"
+    async with serving(tmp_path, database_url, server, acquire_timeout=60) as served:
+        # one such body first, so that what the first large body loads is in the baseline
+        warm = orjson.dumps([{"ident": "warm", "blob": "x" * 3_500_000}])
+        assert await asyncio.to_thread(chunked_gzip_upload, served.port, warm) == 200
+        served.reset_peak()
+        before = served.memory_kib()
+        replies = await asyncio.gather(
+            *(asyncio.to_thread(upload_until_stored, served.port, body) for body in bodies)
+        )
+        peak = (served.memory_kib("VmHWM") - before) * 1024
+    assert all(statuses[-1] == 200 for statuses in replies), replies
+    assert any(503 in statuses for statuses in replies)  # the refusals did happen
+    # what a refused body held is let go when its 503 is sent (asyncio's futures keep the
+    # exception, whose traceback kept the body's frames alive until a full collection)
+    assert peak < in_flight * max_body_size, f"peak {peak >> 20} MiB"
+    assert await count(db) == uploads + 1
+
+
 async def test_a_sender_slower_than_the_minimum_rate_gets_408_and_frees_the_pool(
     tmp_path: Path, database_url: str, db: asyncpg.Connection
 ) -> None:

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 from flespi_receiver.large_element import LARGE_ELEMENT
 
-# every body: a piece of decompressed data, the decompressor's window, a chunk of rows
-PER_BODY = 512 * 1024
+# every body: the next piece of data (taken before room for it is asked), the decompressor's
+# window, a chunk of rows
+PER_BODY = 1024 * 1024
 # a body stored while it arrives: its chunks (kept in case the careful path needs the whole),
 # the piece being split, the rows on their way
-STREAMED_PER_BYTE = 1.5
+STREAMED_PER_BYTE = 1.75
 # per message: its identity, kept to count a copy of it later in the batch
 STREAMED_PER_MESSAGE = 150
 # per device: its latest message (or every message, merge mode) in the batch's fold

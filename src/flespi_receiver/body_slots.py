@@ -30,7 +30,7 @@ class Holding:
 class _Waiter:
     holding: Holding
     wanted: int  # slots the body will hold in all once served
-    future: asyncio.Future[None] = field(
+    future: asyncio.Future[bool] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -59,13 +59,18 @@ class BodySlots:
         queue.append(waiter)
         self._serve()
         try:
-            await waiter.future
+            served = await waiter.future
         except asyncio.CancelledError:
             waiter.future.cancel()
             if waiter in queue:
                 queue.remove(waiter)
                 self._serve()  # a waiter behind this one may fit now
             raise
+        if not served:
+            # raised here, not set on the future: a future holding the exception, held by
+            # this frame, held by the exception's traceback, would keep the body's data
+            # alive until the garbage collector finds the cycle
+            raise BodyTooBusy
 
     def release(self, holding: Holding) -> None:
         """Give back every slot the body holds."""
@@ -83,7 +88,7 @@ class BodySlots:
             waiting = sum(waiter.holding.slots for waiter in self._growing)
             if not self._growing or waiting < self.total - self.free:
                 return
-            self._growing.pop().future.set_exception(BodyTooBusy())
+            self._growing.pop().future.set_result(False)
 
     def _hand_out(self) -> None:
         for queue in (self._growing, self._starting):
@@ -95,4 +100,4 @@ class BodySlots:
                 queue.popleft()
                 self.free -= needed
                 waiter.holding.slots = waiter.wanted
-                waiter.future.set_result(None)
+                waiter.future.set_result(True)

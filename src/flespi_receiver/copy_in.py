@@ -9,6 +9,7 @@ from typing import Any, TypeVar, cast
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from flespi_receiver.errors import drop_frames
 from flespi_receiver.failures import state_kind
 from flespi_receiver.fields import MESSAGE_COLUMNS, as_datetime
 from flespi_receiver.messages import Message
@@ -63,11 +64,13 @@ async def unless_careful(attempt: Coroutine[Any, Any, _T]) -> _T | None:
     """The attempt's result, or None when it met something only the careful path handles."""
     try:
         return await attempt
-    except NotExact:
+    except NotExact as exc:
+        drop_frames(exc)  # what the attempt made is let go before the careful path starts
         return None
     except asyncpg.PostgresError as exc:
         # a message stored before (a re-sent batch), a message PostgreSQL refuses, or a state
         # only the careful path, message by message, tells apart from content
         if state_kind(exc) is not None:
             raise
+        drop_frames(exc)
         return None

@@ -66,3 +66,23 @@ class BodyTooBusy(BodyError):
 
 class BodyIncomplete(BodyError):
     """The body broke off (the client went away) or can't be decompressed."""
+
+
+def drop_frames(exc: BaseException) -> None:
+    """Let go of the frames `exc` and the exceptions chained to it hold.
+
+    asyncio keeps an exception in the future it ended (asyncio.wait_for's inner task, for one),
+    that future sits in a frame of the exception's own traceback: a cycle, which keeps every
+    frame of the traceback alive, and with them a body's chunks and what was made of them,
+    until the garbage collector's rare full collection. Call it where such an exception is
+    handled and done with.
+    """
+    pending: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        pending += [current.__cause__, current.__context__]

@@ -26,6 +26,7 @@ from flespi_receiver.errors import (
     BodyTooBusy,
     BodyTooLarge,
     ShutdownTimeout,
+    drop_frames,
 )
 from flespi_receiver.failures import DatabaseState, database_kind
 from flespi_receiver.metrics import Metrics
@@ -294,19 +295,23 @@ class StreamEndpoint:
                 large = not await reader.read_some(STREAMED_BODY + 1)
             body = reader if large else await reader.read_all()
             response, result = await self._store(request, stream, body, bound)
-        except BodyTimeout:
+        except BodyTimeout as exc:
+            drop_frames(exc)
             reply = error_response(
                 408,
                 f"body not received within server.body_timeout ({limits.body_timeout}s) or "
                 f"slower than server.min_body_rate ({limits.min_body_rate} bytes/s)",
             )
             return _broken(reply), None, reader.received
-        except BodyTooLarge:
+        except BodyTooLarge as exc:
+            drop_frames(exc)
             return _broken(self._too_large()), None, reader.received
         except BodyIncomplete as exc:
+            drop_frames(exc)
             reply = error_response(400, f"body incomplete or undecodable: {exc}")
             return _broken(reply), None, reader.received
-        except BodyTooBusy:
+        except BodyTooBusy as exc:
+            drop_frames(exc)
             reply = error_response(
                 503,
                 "the body needs more memory than one body in flight and there was no room for "
@@ -316,7 +321,8 @@ class StreamEndpoint:
                 **{"Retry-After": "1"},
             )
             return _broken(reply), None, reader.received
-        except ShutdownTimeout:
+        except ShutdownTimeout as exc:
+            drop_frames(exc)
             reply = error_response(
                 503,
                 "receiver is shutting down and the body did not arrive within "
@@ -379,12 +385,14 @@ class StreamEndpoint:
                 effects=self.effects,
             )
         except BatchRejected as exc:
+            drop_frames(exc)
             return error_response(400 if exc.whole_body else 422, str(exc)), None
         except Exception as exc:
             kind = database_kind(exc)
             cause = exc.cause if isinstance(exc, DatabaseState) else exc
             if kind is None:
                 raise  # the body's own errors, or a bug
+            drop_frames(exc)
             self.metrics.database_errors.labels(stream.name, kind).inc()
             health.failed(kind)
             bound.warning(

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from flespi_receiver.allocator import keep_large_blocks_apart
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command, load
 from flespi_receiver.config import Settings
 from flespi_receiver.database import Database, apply_migrations, open_database
@@ -45,6 +46,7 @@ async def serve(settings: Settings, database: Database, config: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings, config = load(args)
+    keep_large_blocks_apart()  # the memory for bodies in flight stays what they hold
     with open_database(settings, exclusive=True) as database:
         REDACTOR.add(database_passwords(database.url))  # the embedded server's too
         asyncio.run(serve(settings, database, config))
