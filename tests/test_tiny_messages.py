@@ -1,0 +1,156 @@
+"""A body of very many tiny messages, each from a device of its own: the same rows, device
+state and counts as any batch, at a few times the body's size in memory."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+
+from flespi_receiver.bench_shapes import tiny_messages
+from flespi_receiver.device_fold import KEPT_DEVICES
+from flespi_receiver.embedded import free_port
+from flespi_receiver.identity import text_identity
+
+from conftest import STREAM_TOML
+from helpers import AUTH, config_file, count, receiver_process, wait_until_serving
+
+SECOND_STREAM = STREAM_TOML.replace('"main"', '"second"').replace('"/flespi"', '"/second"')
+DEVICES = KEPT_DEVICES + 300
+
+
+def _fleet() -> list[bytes]:
+    """More devices than a batch folds in Python, one message each; and for some of them
+    more: older, newer, equal times (the identity decides), no time; and messages without
+    an ident."""
+    texts = [
+        orjson.dumps({"ident": f"d{i:05d}", "timestamp": 1764000000 + i}) for i in range(DEVICES)
+    ]
+    for i in range(0, DEVICES, 97):
+        ts = 1764000000 + i
+        for extra in (
+            {"ident": f"d{i:05d}", "timestamp": ts - 5, "v": 1},
+            {"ident": f"d{i:05d}", "timestamp": ts + 0.5, "v": 2},
+            {"ident": f"d{i:05d}", "timestamp": ts + 0.5, "v": 3},
+            {"ident": f"d{i:05d}", "v": 4},
+            {"v": i},
+        ):
+            texts.append(orjson.dumps(extra))
+    texts.append(orjson.dumps({"ident": "no time", "v": 1}))
+    texts.append(orjson.dumps({"ident": "no time", "v": 2}))
+    return texts
+
+
+def _latest(texts: list[bytes]) -> dict[str, tuple[float | None, bytes]]:
+    """Per ident, the latest message: by time (none is the oldest), ties by identity."""
+    latest: dict[str, tuple[float, bytes, float | None]] = {}
+    for text in texts:
+        message = orjson.loads(text)
+        if "ident" not in message:
+            continue
+        ts = message.get("timestamp")
+        key = (float("-inf") if ts is None else ts, text_identity(text), ts)
+        held = latest.get(message["ident"])
+        if held is None or key[:2] > held[:2]:
+            latest[message["ident"]] = key
+    return {ident: (ts, identity) for ident, (_, identity, ts) in latest.items()}
+
+
+async def _states(db: asyncpg.Connection, stream: str) -> dict[str, tuple[float | None, bytes]]:
+    rows = await db.fetch(
+        "SELECT ident, ts, message_hash FROM device_state WHERE stream = $1", stream
+    )
+    return {
+        row["ident"]: (None if row["ts"] is None else row["ts"].timestamp(), row["message_hash"])
+        for row in rows
+    }
+
+
+async def _post(client: Any, path: str, texts: list[bytes]) -> dict[str, int]:
+    body = b"[" + b",".join(texts) + b"]"
+    reply = await client.post(path, data=io.BytesIO(body), headers=AUTH)
+    assert reply.status == 200, await reply.text()
+    answer: dict[str, int] = await reply.json()
+    return answer
+
+
+async def test_a_batch_of_very_many_devices_keeps_the_state_of_ordinary_batches(
+    receiver: Any, db: asyncpg.Connection
+) -> None:
+    client = await receiver(streams=STREAM_TOML + SECOND_STREAM)
+    texts = _fleet()
+    # one body on the first stream, the same messages in ordinary batches on the second
+    assert await _post(client, "/flespi", texts) == {
+        "stored": len(texts),
+        "duplicates": 0,
+        "rejected": 0,
+    }
+    for start in range(0, len(texts), 1000):
+        await _post(client, "/second", texts[start : start + 1000])
+    expected = _latest(texts)
+    assert len(expected) == DEVICES + 1
+    assert await _states(db, "main") == expected
+    assert await _states(db, "second") == expected
+
+    # sent again with newer messages of some devices: the careful path, the same state again
+    newer = [
+        orjson.dumps({"ident": f"d{i:05d}", "timestamp": 1764100000}) for i in range(0, 900, 7)
+    ]
+    again = [texts[0], texts[0], *texts, *newer]
+    assert await _post(client, "/flespi", again) == {
+        "stored": len(newer),
+        "duplicates": len(texts) + 2,
+        "rejected": 0,
+    }
+    assert await _states(db, "main") == _latest(texts + newer)
+    assert await count(db) == 2 * len(texts) + len(newer)
+
+
+def _memory_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+BODY_SIZE = 4 * 1024 * 1024
+BODIES = {
+    "stored": lambda: tiny_messages(BODY_SIZE, 1),
+    "one bad in 3 000": lambda: tiny_messages(BODY_SIZE, 2, 3000),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(BODIES))
+async def test_a_body_of_tiny_messages_from_as_many_devices_costs_a_few_times_its_size(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection, shape: str
+) -> None:
+    body = BODIES[shape]()
+    port = free_port()
+    config = config_file(tmp_path, database_url, port)
+    config.write_text(
+        config.read_text().replace("[server]\n", f"[server]\nmax_body_size = {2 * BODY_SIZE}\n")
+    )
+    # a receiver process of its own: its peak is this body's alone
+    with receiver_process(config) as process:
+        await wait_until_serving(port, process)
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/flespi"
+            # a small batch first, so that what any batch loads is in the baseline
+            async with session.post(url, data=b'[{"a":1}]', headers=AUTH) as reply:
+                assert reply.status == 200
+            before = _memory_kib(process.pid, "VmHWM")
+            async with session.post(url, data=io.BytesIO(body), headers=AUTH) as reply:
+                assert reply.status == 200, await reply.text()
+                answer = await reply.json()
+            cost = (_memory_kib(process.pid, "VmHWM") - before) * 1024 / len(body)
+    bad = body.count(b'"ident":"bad"')
+    elements = body.count(b"},{") + 1
+    assert answer == {"stored": elements - bad, "duplicates": 0, "rejected": bad}
+    assert await db.fetchval("SELECT count(*) FROM device_state") == elements - bad
+    assert await count(db, "rejected_messages") == bad
+    assert cost <= 4, cost
