@@ -26,23 +26,25 @@ DEVICES = KEPT_DEVICES + 300
 
 def _fleet() -> list[bytes]:
     """More devices than a batch folds in Python, one message each; and for some of them
-    more: older, newer, equal times (the identity decides), no time; and messages without
-    an ident."""
+    more: older, newer, equal times (the identity decides), no time, other parameters and
+    positions; and messages without an ident."""
     texts = [
-        orjson.dumps({"ident": f"d{i:05d}", "timestamp": 1764000000 + i}) for i in range(DEVICES)
+        orjson.dumps({"ident": f"d{i:05d}", "timestamp": 1764000000 + i, "v": 0, "p": "base"})
+        for i in range(DEVICES)
     ]
     for i in range(0, DEVICES, 97):
         ts = 1764000000 + i
         for extra in (
-            {"ident": f"d{i:05d}", "timestamp": ts - 5, "v": 1},
-            {"ident": f"d{i:05d}", "timestamp": ts + 0.5, "v": 2},
-            {"ident": f"d{i:05d}", "timestamp": ts + 0.5, "v": 3},
-            {"ident": f"d{i:05d}", "v": 4},
+            {"ident": f"d{i:05d}", "timestamp": ts - 5, "v": 1, "old": i, "p": "older"},
+            {"ident": f"d{i:05d}", "timestamp": ts - 4, "position.latitude": 1},
+            {"ident": f"d{i:05d}", "timestamp": ts + 0.5, "v": 2, "position.longitude": 2.5},
+            {"ident": f"d{i:05d}", "timestamp": ts + 0.5, "v": 3, "same time": True},
+            {"ident": f"d{i:05d}", "v": 4, "untimed": [i]},
             {"v": i},
         ):
             texts.append(orjson.dumps(extra))
     texts.append(orjson.dumps({"ident": "no time", "v": 1}))
-    texts.append(orjson.dumps({"ident": "no time", "v": 2}))
+    texts.append(orjson.dumps({"ident": "no time", "w": 2}))
     return texts
 
 
@@ -61,12 +63,21 @@ def _latest(texts: list[bytes]) -> dict[str, tuple[float | None, bytes]]:
     return {ident: (ts, identity) for ident, (_, identity, ts) in latest.items()}
 
 
-async def _states(db: asyncpg.Connection, stream: str) -> dict[str, tuple[float | None, bytes]]:
+async def _states(db: asyncpg.Connection, stream: str) -> dict[str, tuple[Any, ...]]:
+    """Per ident: time, identity, then what merge mode keeps (payload, position)."""
     rows = await db.fetch(
-        "SELECT ident, ts, message_hash FROM device_state WHERE stream = $1", stream
+        "SELECT ident, ts, message_hash, payload, latitude, longitude FROM device_state "
+        "WHERE stream = $1",
+        stream,
     )
     return {
-        row["ident"]: (None if row["ts"] is None else row["ts"].timestamp(), row["message_hash"])
+        row["ident"]: (
+            None if row["ts"] is None else row["ts"].timestamp(),
+            row["message_hash"],
+            orjson.loads(row["payload"]),
+            row["latitude"],
+            row["longitude"],
+        )
         for row in rows
     }
 
@@ -79,10 +90,13 @@ async def _post(client: Any, path: str, texts: list[bytes]) -> dict[str, int]:
     return answer
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["latest", "merge mode"])
 async def test_a_batch_of_very_many_devices_keeps_the_state_of_ordinary_batches(
-    receiver: Any, db: asyncpg.Connection
+    receiver: Any, db: asyncpg.Connection, merge: bool
 ) -> None:
-    client = await receiver(streams=STREAM_TOML + SECOND_STREAM)
+    client = await receiver(
+        streams=STREAM_TOML + SECOND_STREAM, database=f"device_state_merge = {str(merge).lower()}"
+    )
     texts = _fleet()
     # one body on the first stream, the same messages in ordinary batches on the second
     assert await _post(client, "/flespi", texts) == {
@@ -92,14 +106,36 @@ async def test_a_batch_of_very_many_devices_keeps_the_state_of_ordinary_batches(
     }
     for start in range(0, len(texts), 1000):
         await _post(client, "/second", texts[start : start + 1000])
-    expected = _latest(texts)
-    assert len(expected) == DEVICES + 1
-    assert await _states(db, "main") == expected
-    assert await _states(db, "second") == expected
+    states = await _states(db, "main")
+    assert len(states) == DEVICES + 1
+    assert states == await _states(db, "second")
+    latest = {ident: state[:2] for ident, state in states.items()}
+    assert latest == _latest(texts)
+    if merge:  # the last value of every parameter, and the last position
+        tied = [
+            orjson.loads(t)
+            for t in texts
+            if t.startswith(b'{"ident":"d00097","timestamp":1764000097.5')
+        ]
+        last = max(tied, key=lambda m: text_identity(orjson.dumps(m)))
+        assert states["d00097"][2:] == (
+            {
+                **last,
+                "untimed": [97],
+                "old": 97,
+                "position.latitude": 1,
+                "position.longitude": 2.5,
+                "same time": True,
+                "p": "base",
+            },
+            1,
+            2.5,
+        )
 
     # sent again with newer messages of some devices: the careful path, the same state again
     newer = [
-        orjson.dumps({"ident": f"d{i:05d}", "timestamp": 1764100000}) for i in range(0, 900, 7)
+        orjson.dumps({"ident": f"d{i:05d}", "timestamp": 1764100000, "new": i})
+        for i in range(0, 900, 7)
     ]
     again = [texts[0], texts[0], *texts, *newer]
     assert await _post(client, "/flespi", again) == {
@@ -107,8 +143,12 @@ async def test_a_batch_of_very_many_devices_keeps_the_state_of_ordinary_batches(
         "duplicates": len(texts) + 2,
         "rejected": 0,
     }
-    assert await _states(db, "main") == _latest(texts + newer)
-    assert await count(db) == 2 * len(texts) + len(newer)
+    for start in range(0, len(newer), 1000):
+        await _post(client, "/second", newer[start : start + 1000])
+    states = await _states(db, "main")
+    assert states == await _states(db, "second")
+    assert {ident: state[:2] for ident, state in states.items()} == _latest(texts + newer)
+    assert await count(db) == 2 * len(texts) + 2 * len(newer)
 
 
 def _memory_kib(pid: int, field: str) -> int:

@@ -4,7 +4,8 @@ Most batches are folded here, in Python (a dict lookup and a tuple comparison pe
 overlapped with PostgreSQL's COPY). A batch of more than KEPT_DEVICES devices is folded by
 PostgreSQL instead, from the batch's own rows (LATEST_OF_TRANSACTION): per device, the
 receiver would keep about 350 bytes, more than a tiny message's own size, and the arrays sent
-to keep_latest() as much again.
+to keep_latest() as much again; in merge mode (MERGED_OF_TRANSACTION) every message is kept
+until the end, so the limit is on messages.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ _ORDER_OFFSET = (POSTGRES_EPOCH + 2208988800) * 1_000_000 + 1
 _NO_TIME = "0" * 15
 _LAST_ORDER = 16**15 - 1
 
-# Past this many devices in one batch (latest mode), PostgreSQL folds the batch's rows.
+# Past this many devices in one batch (merge mode: messages), PostgreSQL folds the batch's rows.
 KEPT_DEVICES = 4096
 
 # keep_latest()'s arrays from the rows this transaction stored in stream $1 (the index on
@@ -41,6 +42,56 @@ FROM (SELECT DISTINCT ON (ident) ident, ts, message_hash, partition_ts
       FROM messages
       WHERE xact_id = pg_current_xact_id() AND stream = $1 AND ident IS NOT NULL
       ORDER BY ident, ts DESC NULLS LAST, message_hash DESC) AS latest
+"""
+
+# keep_merged()'s arrays from the same rows, as DeviceFold.merged_arguments() makes them: per
+# device its latest message, and for each parameter that message lacks the value and order
+# of the latest earlier message that has it (the payload then is every parameter's last
+# value, else NULL: the latest message's own), the earliest of those orders, the digest of
+# the parameters' keys, and the last latitude and longitude with their orders.
+MERGED_OF_TRANSACTION = """
+WITH batch AS (
+    SELECT ident, ts, message_hash, partition_ts, payload, latitude, longitude,
+           state_order(ts, message_hash) AS o
+    FROM messages
+    WHERE xact_id = pg_current_xact_id() AND stream = $1 AND ident IS NOT NULL
+), latest AS (
+    SELECT DISTINCT ON (ident) ident, ts, message_hash, partition_ts, payload, o
+    FROM batch ORDER BY ident, o DESC
+), earlier AS (
+    SELECT DISTINCT ON (b.ident, p.key) b.ident, p.key, p.value, b.o
+    FROM batch AS b JOIN latest AS l ON l.ident = b.ident AND b.o < l.o,
+         jsonb_each(b.payload) AS p(key, value)
+    WHERE NOT l.payload ? p.key
+    ORDER BY b.ident, p.key, b.o DESC
+), folded AS (
+    SELECT ident, jsonb_object_agg(key, value) AS payload, jsonb_object_agg(key, o) AS orders,
+           min(o) AS oldest
+    FROM earlier GROUP BY ident
+), latitudes AS (
+    SELECT DISTINCT ON (ident) ident, latitude, o FROM batch
+    WHERE latitude IS NOT NULL ORDER BY ident, o DESC
+), longitudes AS (
+    SELECT DISTINCT ON (ident) ident, longitude, o FROM batch
+    WHERE longitude IS NOT NULL ORDER BY ident, o DESC
+)
+SELECT coalesce(array_agg(l.ident ORDER BY l.ident COLLATE "C"), '{}') AS idents,
+       array_agg(l.ts ORDER BY l.ident COLLATE "C") AS times,
+       array_agg(l.message_hash ORDER BY l.ident COLLATE "C") AS hashes,
+       array_agg(l.partition_ts ORDER BY l.ident COLLATE "C") AS partition_times,
+       array_agg(coalesce(f.oldest, l.o) ORDER BY l.ident COLLATE "C") AS oldest,
+       array_agg(l.payload || f.payload ORDER BY l.ident COLLATE "C") AS payloads,
+       array_agg(coalesce(f.orders, '{}') ORDER BY l.ident COLLATE "C") AS orders,
+       array_agg(parameter_keys(coalesce(l.payload || f.payload, l.payload))
+                 ORDER BY l.ident COLLATE "C") AS keys,
+       array_agg(a.latitude ORDER BY l.ident COLLATE "C") AS latitudes,
+       array_agg(a.o ORDER BY l.ident COLLATE "C") AS latitude_orders,
+       array_agg(g.longitude ORDER BY l.ident COLLATE "C") AS longitudes,
+       array_agg(g.o ORDER BY l.ident COLLATE "C") AS longitude_orders
+FROM latest AS l
+LEFT JOIN folded AS f USING (ident)
+LEFT JOIN latitudes AS a USING (ident)
+LEFT JOIN longitudes AS g USING (ident)
 """
 
 
@@ -70,8 +121,9 @@ class DeviceFold:
     """A batch folded per device, as messages are stored: the latest message of each device
     (and in merge mode every message, folded at the end), and the first and last message.
 
-    `in_database`: the batch had more than KEPT_DEVICES devices (latest mode), so `latest` was
-    let go and PostgreSQL folds the rows this transaction stored (LATEST_OF_TRANSACTION); a
+    `in_database`: the batch had more than KEPT_DEVICES devices (merge mode: messages), so
+    `latest` (`every`) was let go and PostgreSQL folds the rows this transaction stored
+    (LATEST_OF_TRANSACTION, MERGED_OF_TRANSACTION); a
     fold that holds messages stored before (the careful path) gets the same state that way,
     as folding those again changes nothing."""
 
@@ -96,6 +148,9 @@ class DeviceFold:
             return
         key = (_NEG_INF if ts is None else ts, identity)
         if self.merge:
+            if self.in_database or self.count > KEPT_DEVICES:
+                self.in_database, self.every = True, {}
+                return
             entry = (key, message, ts, partition_ts, columns[5], columns[6])
             self.every.setdefault(ident, []).append(entry)
             return

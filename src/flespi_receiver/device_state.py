@@ -18,6 +18,7 @@ from asyncpg.pool import PoolConnectionProxy
 from flespi_receiver.config import DatabaseSettings
 from flespi_receiver.device_fold import (
     LATEST_OF_TRANSACTION,
+    MERGED_OF_TRANSACTION,
     DeviceFold,
     parameter_keys,
     state_order,
@@ -29,6 +30,11 @@ __all__ = ["DeviceFold", "parameter_keys", "state_order"]
 # The statement a batch ends with, in parts: $1 stream, then the state's arrays, then NOTIFY's.
 KEEP_LATEST = "keep_latest($1, ${}, ${}, ${}, ${})"
 KEEP_MERGED = "keep_merged($1, {})".format(", ".join("${}" for _ in range(12)))
+# the same, for a batch PostgreSQL folds (device_fold.MERGED_OF_TRANSACTION, as f)
+KEEP_MERGED_FOLDED = (
+    "keep_merged($1, f.idents, f.times, f.hashes, f.partition_times, f.oldest, f.payloads, "
+    "f.orders, f.keys, f.latitudes, f.latitude_orders, f.longitudes, f.longitude_orders)"
+)
 # the same payload the trigger used to send, spelled by PostgreSQL's json_build_object
 NOTIFY_BY_ID = (
     "pg_notify(${}, json_build_object('stream', $1::text, 'count', ${}::bigint, "
@@ -181,8 +187,12 @@ def finishing_statement(
     source = ""
     if effects.device_state and fold.in_database:
         # the rows are in this transaction already: PostgreSQL folds them (device_fold.py)
-        parts.append("keep_latest($1, f.idents, f.times, f.hashes, f.partition_times)")
-        source = f" FROM ({LATEST_OF_TRANSACTION}) AS f"
+        if effects.merge:
+            parts.append(KEEP_MERGED_FOLDED)
+            source = f" FROM ({MERGED_OF_TRANSACTION}) AS f"
+        else:
+            parts.append("keep_latest($1, f.idents, f.times, f.hashes, f.partition_times)")
+            source = f" FROM ({LATEST_OF_TRANSACTION}) AS f"
     elif effects.device_state and fold.devices:
         arrays = fold.merged_arguments() if effects.merge else fold.latest_arguments()
         numbers = range(len(args) + 1, len(args) + 1 + len(arrays))
