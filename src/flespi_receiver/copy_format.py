@@ -114,7 +114,7 @@ class Distinct:
     """The identities of the rows a batch's COPY holds so far: a copy of a message within the
     batch is counted in `repeated`, not sent (it would fail the COPY on the unique key).
 
-    A set up to SMALL identities (the fastest), then an IdentitySet: about 35 bytes an
+    A set up to SMALL identities (the fastest), then an IdentitySet: about 37 bytes an
     identity instead of 85, which a body of very many tiny messages needs to stay within a
     few times its size."""
 

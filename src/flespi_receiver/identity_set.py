@@ -1,4 +1,4 @@
-"""A set of message identities (16 bytes each) in about 35 bytes an identity.
+"""A set of message identities (16 bytes each) in about 37 bytes an identity.
 
 A Python set of bytes costs about 85 bytes per identity (the bytes object and its slot): for a
 body of very many tiny messages that is as much as the body itself. Here the identities sit
