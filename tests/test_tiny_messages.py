@@ -3,6 +3,7 @@ state and counts as any batch, at a few times the body's size in memory."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,11 @@ import orjson
 import pytest
 
 from flespi_receiver.bench_shapes import tiny_messages
+from flespi_receiver.copy_format import Distinct
 from flespi_receiver.device_fold import KEPT_DEVICES
 from flespi_receiver.embedded import free_port
-from flespi_receiver.identity import text_identity
+from flespi_receiver.identity import IDENTITY_SIZE, text_identity
+from flespi_receiver.identity_set import IdentitySet
 
 from conftest import STREAM_TOML
 from helpers import AUTH, config_file, count, receiver_process, wait_until_serving
@@ -98,10 +101,11 @@ async def test_a_batch_of_very_many_devices_keeps_the_state_of_ordinary_batches(
         streams=STREAM_TOML + SECOND_STREAM, database=f"device_state_merge = {str(merge).lower()}"
     )
     texts = _fleet()
-    # one body on the first stream, the same messages in ordinary batches on the second
-    assert await _post(client, "/flespi", texts) == {
+    # one body on the first stream (with copies of two messages, one past the first 4096),
+    # the same messages in ordinary batches on the second
+    assert await _post(client, "/flespi", [*texts, texts[100], texts[-1]]) == {
         "stored": len(texts),
-        "duplicates": 0,
+        "duplicates": 2,
         "rejected": 0,
     }
     for start in range(0, len(texts), 1000):
@@ -194,3 +198,19 @@ async def test_a_body_of_tiny_messages_from_as_many_devices_costs_a_few_times_it
     assert await db.fetchval("SELECT count(*) FROM device_state") == elements - bad
     assert await count(db, "rejected_messages") == bad
     assert cost <= 4, cost
+
+
+def test_copies_are_caught_among_very_many_identities_however_alike() -> None:
+    identities = [hashlib.sha256(b"%d" % i).digest()[:IDENTITY_SIZE] for i in range(10_000)]
+    # the same first 8 bytes, another rest: another message
+    alike = [identity[:8] + bytes(8) for identity in identities[::100]]
+    distinct = Distinct()
+    firsts = [distinct.first(i) for i in [*identities, *alike, *identities[::7], *alike[:3]]]
+    assert firsts == [True] * (len(identities) + len(alike)) + [False] * (len(identities[::7]) + 3)
+    assert distinct.repeated == len(identities[::7]) + 3
+    compact = IdentitySet(identities)
+    assert len(compact) == len(identities)
+    assert all(compact.add(identity) for identity in alike)
+    assert not any(compact.add(identity) for identity in [*identities, *alike])
+    with pytest.raises(ValueError, match="16 bytes"):
+        compact.add(b"short")
