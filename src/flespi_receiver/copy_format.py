@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from flespi_receiver.fields import postgres_usecs
+from flespi_receiver.identity_set import IdentitySet
 from flespi_receiver.messages import Message
 
 if TYPE_CHECKING:
@@ -111,19 +112,35 @@ def stream_field(stream: str) -> bytes:
 
 class Distinct:
     """The identities of the rows a batch's COPY holds so far: a copy of a message within the
-    batch is counted in `repeated`, not sent (it would fail the COPY on the unique key)."""
+    batch is counted in `repeated`, not sent (it would fail the COPY on the unique key).
+
+    A set up to SMALL identities (the fastest), then an IdentitySet: about 37 bytes an
+    identity instead of 85, which a body of very many tiny messages needs to stay within a
+    few times its size."""
+
+    SMALL = 4096
 
     def __init__(self) -> None:
-        self.identities: set[bytes] = set()
+        self.identities: set[bytes] | None = set()
+        self.compact: IdentitySet | None = None
         self.repeated = 0
 
     def first(self, identity: bytes) -> bool:
         """Whether this is the first message of the batch with this identity."""
-        if identity in self.identities:
-            self.repeated += 1
-            return False
-        self.identities.add(identity)
-        return True
+        identities = self.identities
+        if identities is not None:
+            if identity in identities:
+                self.repeated += 1
+                return False
+            identities.add(identity)
+            if len(identities) > self.SMALL:
+                self.compact, self.identities = IdentitySet(identities), None
+            return True
+        assert self.compact is not None
+        if self.compact.add(identity):
+            return True
+        self.repeated += 1
+        return False
 
 
 def row_chunks(

@@ -1,35 +1,40 @@
 """What a stored batch does besides its rows: device_state and one NOTIFY, in its transaction.
 
-The receiver folds each batch per device while it encodes the rows (so PostgreSQL never sorts
-or copies the batch for this), then, after the rows and before the commit, sends one statement:
-`keep_latest(...)` or `keep_merged(...)` (schema/0011_device_state_pointer.sql) with one element
-per device, and `pg_notify` with the batch's summary.
+The receiver folds each batch per device while it encodes the rows (device_fold.py: so
+PostgreSQL never sorts or copies the usual batch for this), then, after the rows and before
+the commit, sends one statement: `keep_latest(...)` or `keep_merged(...)`
+(schema/0011_device_state_pointer.sql) with one element per device, and `pg_notify` with the
+batch's summary. A batch of very many devices is folded by PostgreSQL in that statement.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from flespi_receiver.config import DatabaseSettings
-from flespi_receiver.fields import POSTGRES_EPOCH, as_datetime, postgres_usecs
-from flespi_receiver.messages import Message
+from flespi_receiver.device_fold import (
+    LATEST_OF_TRANSACTION,
+    MERGED_OF_TRANSACTION,
+    DeviceFold,
+    parameter_keys,
+    state_order,
+)
+from flespi_receiver.fields import as_datetime
 
-# state_order(): microseconds since 1900-01-01 UTC, plus one (0 is "no time")
-_ORDER_OFFSET = (POSTGRES_EPOCH + 2208988800) * 1_000_000 + 1
-_NO_TIME = "0" * 15
-_LAST_ORDER = 16**15 - 1
+__all__ = ["DeviceFold", "parameter_keys", "state_order"]
 
 # The statement a batch ends with, in parts: $1 stream, then the state's arrays, then NOTIFY's.
 KEEP_LATEST = "keep_latest($1, ${}, ${}, ${}, ${})"
 KEEP_MERGED = "keep_merged($1, {})".format(", ".join("${}" for _ in range(12)))
+# the same, for a batch PostgreSQL folds (device_fold.MERGED_OF_TRANSACTION, as f)
+KEEP_MERGED_FOLDED = (
+    "keep_merged($1, f.idents, f.times, f.hashes, f.partition_times, f.oldest, f.payloads, "
+    "f.orders, f.keys, f.latitudes, f.latitude_orders, f.longitudes, f.longitude_orders)"
+)
 # the same payload the trigger used to send, spelled by PostgreSQL's json_build_object
 NOTIFY_BY_ID = (
     "pg_notify(${}, json_build_object('stream', $1::text, 'count', ${}::bigint, "
@@ -93,8 +98,10 @@ def small_batch_statement(
     numbered from `first_parameter`."""
     parts = ["count(*)", "min(id)", "max(id)"]
     args: list[Any] = []
-    if effects.device_state and (fold.latest or fold.every):
-        # the rows are inserted by the same statement: the state can't read them
+    # the rows are inserted by the same statement: the state can't read them, so the batch
+    # must be folded here (a small batch has far fewer than KEPT_DEVICES devices)
+    assert not fold.in_database
+    if effects.device_state and fold.devices:
         arrays = fold.merged_arguments(True) if effects.merge else fold.latest_arguments()
         numbers = range(first_parameter, first_parameter + len(arrays))
         template = KEEP_MERGED if effects.merge else KEEP_LATEST
@@ -111,22 +118,6 @@ def small_batch_statement(
     # a data-modifying WITH query runs to completion whether or not the query reads it
     queries = f"also AS ({also}), stored AS ({insert})" if also else f"stored AS ({insert})"
     return f"WITH {queries} SELECT {', '.join(parts)} FROM stored", args  # noqa: S608
-
-
-@functools.lru_cache(maxsize=4096)
-def parameter_keys(keys: tuple[str, ...]) -> bytes:
-    """What parameter_keys() gives in PostgreSQL for a payload with these keys: SHA-256 of the
-    keys sorted bytewise (code points sort as their UTF-8 bytes do), each as its length in
-    characters, ':' and itself. Cached: a fleet's messages have few sets of keys."""
-    return hashlib.sha256("".join(f"{len(key)}:{key}" for key in sorted(keys)).encode()).digest()
-
-
-def state_order(ts: float | None, identity: bytes) -> str:
-    """The text state_order() gives in PostgreSQL: sorts like (ts or -infinity, identity)."""
-    if ts is None:
-        return _NO_TIME + identity.hex()
-    usecs = min(max(postgres_usecs(ts) + _ORDER_OFFSET, 1), _LAST_ORDER)
-    return f"{usecs:015x}{identity.hex()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,108 +157,6 @@ async def session_effects(conn: asyncpg.Connection | PoolConnectionProxy) -> Bat
     return BatchEffects(*row) if row is not None else DEFAULT_EFFECTS
 
 
-# a message's place in "latest" order: no time is older than any time, ties by identity
-_Key = tuple[float, bytes]
-_NEG_INF = float("-inf")
-
-
-@dataclass(slots=True)
-class DeviceFold:
-    """A batch folded per device, as messages are stored: the latest message of each device
-    (and in merge mode every message, folded at the end), and the first and last message."""
-
-    merge: bool
-    latest: dict[str, tuple[_Key, float | None, bytes, float]] = field(default_factory=dict)
-    every: dict[str, list[tuple[_Key, Message, float | None, float, Any, Any]]] = field(
-        default_factory=dict
-    )
-    count: int = 0
-    first: tuple[float, bytes] | None = None
-    last: tuple[float, bytes] | None = None
-
-    def add(self, message: Message, columns: Sequence[Any], identity: bytes) -> None:
-        """One stored message with its derived columns (fields.columns()) and identity."""
-        ident, ts, partition_ts = columns[0], columns[1], columns[7]
-        self.count += 1
-        self.last = (partition_ts, identity)
-        if self.first is None:
-            self.first = self.last
-        if ident is None:
-            return
-        key = (_NEG_INF if ts is None else ts, identity)
-        if self.merge:
-            entry = (key, message, ts, partition_ts, columns[5], columns[6])
-            self.every.setdefault(ident, []).append(entry)
-            return
-        held = self.latest.get(ident)
-        if held is None or key > held[0]:
-            self.latest[ident] = (key, ts, identity, partition_ts)
-
-    def __bool__(self) -> bool:
-        return self.count > 0
-
-    def latest_arguments(self) -> list[list[Any]]:
-        """keep_latest()'s arrays: idents (sorted, so that receivers lock rows in one order),
-        times, identities, partition times (NULL where equal to the time: most often)."""
-        idents = sorted(self.latest)
-        rows = [self.latest[ident] for ident in idents]
-        return [
-            idents,
-            [as_datetime(row[1]) for row in rows],
-            [row[2] for row in rows],
-            [None if row[1] == row[3] else as_datetime(row[3]) for row in rows],
-        ]
-
-    def merged_arguments(self, with_payloads: bool = False) -> list[list[Any]]:
-        """keep_merged()'s arrays: per device its latest message, the earliest order among its
-        parameters, the last value of every parameter with its order where it is not the latest
-        message's, the digest of the parameters' keys, the last latitude and longitude with
-        their orders. Unless `with_payloads`, the values are NULL where they are the latest
-        message's own (most often): PostgreSQL reads them from that stored message if needed."""
-        arrays: list[list[Any]] = [[] for _ in range(13)]
-        for ident in sorted(self.every):
-            entries = self.every[ident]
-            entries.sort(key=lambda entry: entry[0])
-            (_, newest), last, ts, partition_ts, _, _ = entries[-1]
-            latest = state_order(ts, newest)
-            values: dict[str, Any] = {}
-            # the orders of the parameters that come from an earlier message of the batch
-            orders: dict[str, str] = {}
-            latitude = latitude_order = longitude = longitude_order = None
-            for key, message, ts_, _, lat, lon in entries:
-                order = state_order(ts_, key[1]) if message is not last else latest
-                if message is not last:
-                    # decoding lets the parse go once the columns are known: read the text again
-                    data = orjson.loads(message.raw)
-                    values.update(data)
-                    orders.update(dict.fromkeys(data, order))
-                if lat is not None:
-                    latitude, latitude_order = lat, order
-                if lon is not None:
-                    longitude, longitude_order = lon, order
-            data = orjson.loads(last.raw)
-            values.update(data)
-            for name in data:
-                orders.pop(name, None)
-            row = (
-                ident,
-                as_datetime(ts),
-                newest,
-                None if ts == partition_ts else as_datetime(partition_ts),
-                min(orders.values(), default=latest),
-                orjson.dumps(values).decode() if orders or with_payloads else None,
-                orjson.dumps(orders).decode(),
-                parameter_keys(tuple(values)),
-                latitude,
-                latitude_order,
-                longitude,
-                longitude_order,
-            )
-            for array, value in zip(arrays[1:], row, strict=True):
-                array.append(value)
-        return arrays[1:]
-
-
 @dataclass(frozen=True, slots=True)
 class Stored:
     """What a batch stored, for its NOTIFY: how many rows, and its first and last row, by id
@@ -295,7 +184,16 @@ def finishing_statement(
     """
     parts: list[str] = []
     args: list[Any] = [stream]
-    if effects.device_state and (fold.latest or fold.every):
+    source = ""
+    if effects.device_state and fold.in_database:
+        # the rows are in this transaction already: PostgreSQL folds them (device_fold.py)
+        if effects.merge:
+            parts.append(KEEP_MERGED_FOLDED)
+            source = f" FROM ({MERGED_OF_TRANSACTION}) AS f"
+        else:
+            parts.append("keep_latest($1, f.idents, f.times, f.hashes, f.partition_times)")
+            source = f" FROM ({LATEST_OF_TRANSACTION}) AS f"
+    elif effects.device_state and fold.devices:
         arrays = fold.merged_arguments() if effects.merge else fold.latest_arguments()
         numbers = range(len(args) + 1, len(args) + 1 + len(arrays))
         template = KEEP_MERGED if effects.merge else KEEP_LATEST
@@ -321,4 +219,4 @@ def finishing_statement(
             )
     if not parts:
         return None
-    return "SELECT " + ", ".join(parts), args
+    return "SELECT " + ", ".join(parts) + source, args

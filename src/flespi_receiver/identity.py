@@ -38,6 +38,8 @@ import orjson
 
 Identity = Literal["text", "content"]
 IDENTITIES: tuple[Identity, ...] = ("text", "content")
+# bytes in an identity, either kind: the first 16 of a SHA-256
+IDENTITY_SIZE = 16
 
 # the fields flespi adds to a channel's message when it belongs to a registered device
 DEVICE_FIELDS = frozenset(("device.id", "device.name", "device.type.id"))
@@ -50,7 +52,7 @@ _MAX_INTEGER = 2.0**64
 
 def text_identity(raw: bytes) -> bytes:
     """First 16 bytes of the SHA-256 of the text as sent: equal for a re-sent message."""
-    return hashlib.sha256(raw).digest()[:16]
+    return hashlib.sha256(raw).digest()[:IDENTITY_SIZE]
 
 
 def message_identity(data: dict[str, Any], raw: bytes) -> bytes:
@@ -63,7 +65,7 @@ def message_identity(data: dict[str, Any], raw: bytes) -> bytes:
 def canonical_identity(data: dict[str, Any]) -> bytes | None:
     """The spelling-independent identity, or None for a message nested too deep for it."""
     try:
-        return hashlib.sha256(orjson.dumps(_canonical(data, True))).digest()[:16]
+        return hashlib.sha256(orjson.dumps(_canonical(data, True))).digest()[:IDENTITY_SIZE]
     except (orjson.JSONEncodeError, RecursionError):
         return None
 

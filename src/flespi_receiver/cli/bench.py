@@ -120,7 +120,15 @@ def register(commands: Subcommands) -> None:
         type=int,
         metavar="BYTES",
         help="instead: peak RSS of one body of about BYTES per shape (huge string, huge array, "
-        "20 000 keys, deep nesting, quarantined content), each in a fresh receiver",
+        "20 000 keys, deep nesting, quarantined content, tiny messages), each in a fresh "
+        "receiver",
+    )
+    bench.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="with --memory-shapes: only the shapes whose names contain TEXT (repeatable)",
     )
 
 
@@ -170,7 +178,7 @@ async def _bench_on(url: str, args: argparse.Namespace) -> None:
     elif args.memory_shapes:
         from flespi_receiver import bench_shapes
 
-        await bench_shapes.memory_by_shape(url, args.memory_shapes)
+        await bench_shapes.memory_by_shape(url, args.memory_shapes, tuple(args.shape))
     elif args.memory:
         await bench_scale.memory_profile(url, args.memory, args.max_body_size)
     else:
