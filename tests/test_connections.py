@@ -459,6 +459,56 @@ async def test_a_sender_slower_than_the_minimum_rate_gets_408_and_frees_the_pool
     assert await count(db) == 1
 
 
+async def test_a_body_that_grows_never_takes_the_slot_of_another_stream(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    # one message of a 700 KB string is held about three times: it needs every slot of
+    # 1 MiB there is, but one stays the other stream's
+    other = '[[streams]]\nname = "other"\npath = "/other"\nauthorization = ["Bearer other-1"]\n'
+    large = orjson.dumps([{"ident": "big", "blob": "x" * 700_000}])
+    server = f"bodies_in_flight = 2\nmax_body_size = {1024 * 1024}"
+    async with serving(tmp_path, database_url, server, acquire_timeout=1, streams=other) as served:
+        slow = served.connect()
+        slow.sendall(
+            b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: " + TOKEN.encode() + b"\r\n"
+            b"Content-Length: " + str(len(large)).encode() + b"\r\n\r\n" + large[:-10]
+        )
+        await asyncio.sleep(0.5)  # the large message is held, and its body has grown
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{served.port}/other"
+            headers = {"Authorization": "Bearer other-1"}
+            body = orjson.dumps([flespi_message(1)])
+            async with session.post(url, data=body, headers=headers) as reply:
+                assert reply.status == 200
+        slow.sendall(large[-10:])
+        assert status_of(await asyncio.to_thread(read_until_reply, slow)) == 200
+        slow.close()
+        events = log_events(served.config)
+    assert await count(db) == 2
+    assert any(e["event"].startswith("body needs more memory than one stream") for e in events)
+
+
+async def test_a_sender_that_bursts_then_stops_gets_408_without_holding_the_pool_long(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    # 490 KB at once would keep 8 KB/s "on average" for a minute: the stall is what counts
+    async with serving(tmp_path, database_url, "body_timeout = 60") as served:
+        raw = served.connect()
+        raw.settimeout(30)
+        raw.sendall(
+            b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: " + TOKEN.encode() + b"\r\n"
+            b"Content-Length: 1000000\r\n\r\n[" + b" " * 490_000
+        )
+        started = time.monotonic()
+        reply = await asyncio.to_thread(read_reply, raw)
+        took = time.monotonic() - started
+        raw.close()
+    assert status_of(reply) == 408
+    assert b"min_body_rate" in reply
+    assert took < 20  # MAX_STALL, not body_timeout
+    assert await count(db) == 0
+
+
 async def test_one_stream_cannot_take_the_other_streams_bodies_in_flight(
     tmp_path: Path, database_url: str
 ) -> None:

@@ -325,8 +325,9 @@ async def test_backends_terminated_again_and_again_during_a_stream(
     with capture_logs() as logs:
         while not stream.done():
             await db.execute(
+                # only this test's own database: the server may be shared
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'flespi-receiver'"
+                "WHERE application_name = 'flespi-receiver' AND datname = current_database()"
             )
             await asyncio.sleep(0.05)
         stats = await stream

@@ -23,6 +23,9 @@ CODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate"})
 _PIECE = 256 * 1024
 # seconds a body may take before min_rate applies (TCP slow start, a proxy's first buffer)
 MIN_RATE_GRACE = 5.0
+# seconds a body may stop arriving, whatever it sent before, when min_rate applies: a burst
+# does not buy a stall that holds a pool connection
+MAX_STALL = 10.0
 
 
 def content_coding(header: str | None) -> str | None:
@@ -102,8 +105,8 @@ class BodyReader:
     `coding` is what `content_coding` returned; the size counts decompressed bytes, so a gzip
     bomb is stopped at max_size. The time limit counts from the reader's creation. With a
     `min_rate` (bytes per second as sent, 0 = none), the body must also keep up: t seconds
-    after the start, at least min_rate * (t - MIN_RATE_GRACE) bytes must have arrived, else
-    BodyTimeout.
+    after the start, at least min_rate * (t - MIN_RATE_GRACE) bytes must have arrived, and no
+    wait for more may last over MAX_STALL seconds, else BodyTimeout.
     """
 
     def __init__(
@@ -190,7 +193,8 @@ class BodyReader:
         if not self._min_rate:
             return self._deadline
         keeping_up = self._started + MIN_RATE_GRACE + self.received / self._min_rate
-        return min(self._deadline, keeping_up)
+        stalled = asyncio.get_running_loop().time() + MAX_STALL  # counted from this wait
+        return min(self._deadline, keeping_up, stalled)
 
     async def _receive(self) -> bytes:
         try:

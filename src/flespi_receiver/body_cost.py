@@ -18,8 +18,8 @@ PER_BODY = 1024 * 1024
 # a body stored while it arrives: its chunks (kept in case the careful path needs the whole),
 # the piece being split, the rows on their way
 STREAMED_PER_BYTE = 1.75
-# per message: its identity, kept to count a copy of it later in the batch
-STREAMED_PER_MESSAGE = 150
+# per message: its identity, kept to count a copy of it later in the batch (identity_set.py)
+STREAMED_PER_MESSAGE = 64
 # per device: its latest message (or every message, merge mode) in the batch's fold
 STREAMED_PER_DEVICE = 450
 # an element over LARGE_ELEMENT is held twice more while it arrives and is judged (large_element.py)

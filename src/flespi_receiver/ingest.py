@@ -244,17 +244,24 @@ class StreamEndpoint:
             except TimeoutError:
                 return self._busy(), None, 0
             max_body_size = self.limits.max_body_size
+            # one body never takes the slot each other stream keeps
+            most = self.limits.bodies_per_stream
+            warned = False
 
             async def make_room(size: int) -> None:
                 # what the body holds grew past its slots: take more (see body_slots.py)
+                nonlocal warned
                 wanted = -(-size // max_body_size)
-                if wanted > slots.total and holding.slots < slots.total:
-                    bound.warning(
-                        "body needs more memory than all bodies in flight may hold; it is "
-                        "stored alone",
-                        needed=size,
-                        allowed=slots.total * max_body_size,
-                    )
+                if wanted > most:
+                    if not warned:
+                        warned = True
+                        bound.warning(
+                            "body needs more memory than one stream's bodies in flight may "
+                            "hold; it is stored with that",
+                            needed=size,
+                            allowed=most * max_body_size,
+                        )
+                    wanted = most
                 try:
                     async with asyncio.timeout(timeout):
                         await slots.take(holding, wanted)

@@ -14,10 +14,11 @@ array) rolls this back and leaves the body to it (store.py).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 from flespi_receiver import body_cost
 from flespi_receiver.body import BodyReader
-from flespi_receiver.copy_format import Distinct, copy_chunks
+from flespi_receiver.copy_format import copy_chunks
 from flespi_receiver.copy_in import Connection, as_async, copy_rows, existing, unless_careful
 from flespi_receiver.device_state import BatchEffects, DeviceFold, Stored, finishing_statement
 from flespi_receiver.fields import MessageFields
@@ -32,26 +33,31 @@ _THREADED_SPLIT = 1024 * 1024
 
 
 class _Windows:
-    """The messages of a body, window by window: what was stored, what was there before."""
+    """The messages of a body, window by window: what was stored, what was there before.
+
+    A copy of a message in the same window is left out there; one in a later window is found
+    stored, by this transaction, like a message stored before: no identity of the whole body
+    is held."""
 
     def __init__(self, conn: Connection, stream: str, fold: DeviceFold) -> None:
         self.conn = conn
         self.stream = stream
         self.fold = fold
-        self.window: list[Message] = []
+        self.window: dict[bytes, Message] = {}
         self.stored = 0
 
-    async def add(self, messages: list[Message]) -> None:
-        self.window.extend(messages)
+    async def add(self, messages: Iterable[Message]) -> None:
+        for message in messages:
+            self.window.setdefault(message.identity, message)
         if len(self.window) >= WINDOW:
             await self.flush()
 
     async def flush(self) -> None:
-        window, self.window = self.window, []
+        window, self.window = self.window, {}
         if not window:
             return
-        stored_before = await existing(self.conn, self.stream, window)
-        fresh = [message for message in window if message.identity not in stored_before]
+        stored_before = await existing(self.conn, self.stream, window.values())
+        fresh = [message for identity, message in window.items() if identity not in stored_before]
         if fresh:
             chunks = copy_chunks(self.stream, fresh, self.fold)
             self.stored += await copy_rows(self.conn, as_async(chunks))
@@ -69,12 +75,8 @@ async def store_in_windows(
     rejected), or None when the careful path must decide (nothing stored). Raises what
     tells the database's state (failures.py) and the body's own errors (BodyTimeout...)."""
     rejected: list[Rejected] | None = [] if quarantine else None
-    distinct = Distinct()  # a copy of a message within the body is counted once
     fold = DeviceFold(effects.merge)
     split = body_cost.Split()
-
-    def first_copies(messages: list[Message]) -> list[Message]:
-        return [message for message in messages if distinct.first(message.identity)]
 
     async def attempt() -> tuple[int, int, int, int]:
         splitter = ElementSplitter()
@@ -87,12 +89,12 @@ async def store_in_windows(
                 elements = await judged_large_apart(splitter.feed(data), fields)
                 split.elements += len(elements)
                 split.size += len(data)
-                await windows.add(first_copies(list(exact_messages(elements, fields, rejected))))
+                await windows.add(exact_messages(elements, fields, rejected))
             large = splitter.pending > _THREADED_SPLIT
             ends = await asyncio.to_thread(splitter.finish) if large else splitter.finish()
             last = await judged_large_apart(ends, fields)
             split.elements += len(last)
-            await windows.add(first_copies(list(exact_messages(last, fields, rejected))))
+            await windows.add(exact_messages(last, fields, rejected))
             await windows.flush()
             if rejected:
                 await store_rejected(conn, stream, rejected)

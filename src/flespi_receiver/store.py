@@ -171,6 +171,7 @@ async def _store_batch(
         if streamed is not None:
             return _copied(streamed, set_aside, STREAMED_PATH, distinct.repeated)
         await rows.aclose()  # lets go of what the splitter held before the body is joined
+        del rows, fold, distinct  # and of the attempt's fold and identities, before a new pass
         if set_aside is not None and len(set_aside) > MAX_REJECTED_ELEMENTS:
             # more refused elements than are kept apart: the body is kept whole, as the careful
             # path would decide after decoding every message of it again

@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except (OSError, asyncpg.PostgresError) as exc:
         log.error("failed", error=f"{type(exc).__name__}: {exc}")
-        message = f"flespi-receiver {args.command}: {type(exc).__name__}: {exc}"
-        print(REDACTOR.redact(message), file=sys.stderr)
+        if sys.stderr.isatty():  # else the `failed` line says it, and logs stay JSON lines
+            message = f"flespi-receiver {args.command}: {type(exc).__name__}: {exc}"
+            print(REDACTOR.redact(message), file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
