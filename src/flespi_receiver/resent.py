@@ -22,7 +22,13 @@ from flespi_receiver.copy_format import copy_chunks
 from flespi_receiver.copy_in import Connection, as_async, copy_rows, existing, unless_careful
 from flespi_receiver.device_state import BatchEffects, DeviceFold, Stored, finishing_statement
 from flespi_receiver.fields import MessageFields
-from flespi_receiver.messages import Message, Rejected, exact_messages, judged_large_apart
+from flespi_receiver.messages import (
+    Message,
+    Rejected,
+    exact_messages,
+    in_turns,
+    judged_large_apart,
+)
 from flespi_receiver.rejected_store import store_rejected
 from flespi_receiver.splitter import ElementSplitter
 
@@ -89,7 +95,8 @@ async def store_in_windows(
                 elements = await judged_large_apart(splitter.feed(data), fields)
                 split.elements += len(elements)
                 split.size += len(data)
-                await windows.add(exact_messages(elements, fields, rejected))
+                async for part in in_turns(elements):
+                    await windows.add(exact_messages(part, fields, rejected))
             large = splitter.pending > _THREADED_SPLIT
             ends = await asyncio.to_thread(splitter.finish) if large else splitter.finish()
             last = await judged_large_apart(ends, fields)

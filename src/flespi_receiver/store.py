@@ -44,6 +44,7 @@ from flespi_receiver.messages import (
     decode_batch,
     exact_messages,
     identity_of,
+    in_turns,
     judged_large_apart,
     kept_whole,
 )
@@ -386,9 +387,9 @@ async def _streamed_rows(
         elements = await judged_large_apart(splitter.feed(data), fields)
         split.elements += len(elements)
         split.size += len(data)
-        messages = exact_messages(elements, fields, rejected)
-        for chunk in row_chunks(field, messages, fold, distinct):
-            yield chunk
+        async for part in in_turns(elements):
+            for chunk in row_chunks(field, exact_messages(part, fields, rejected), fold, distinct):
+                yield chunk
     # the rest, split whole (in a thread when it is large: maybe by the slower scanner)
     large = splitter.pending > THREADED_DECODE
     ends = await asyncio.to_thread(splitter.finish) if large else splitter.finish()
