@@ -89,26 +89,57 @@ async def test_a_body_stored_in_part_before_stores_only_its_new_messages(
         await listener.close()
 
 
-async def test_a_new_message_postgresql_refuses_in_a_resent_body_is_quarantined(
-    receiver: ClientFactory, db: asyncpg.Connection
+@pytest.mark.parametrize("stored_before", [0, 300])
+async def test_a_message_postgresql_refuses_costs_only_itself(
+    receiver: ClientFactory, db: asyncpg.Connection, database_url: str, stored_before: int
 ) -> None:
     client = await receiver()
+    good = [orjson.dumps(flespi_message(i)) for i in range(2500)]
+    if stored_before:
+        status, _, _ = await send(client, array(good[:stored_before]), "trickled")
+        assert status == 200
+    await refuse_in_trigger(
+        db, "RAISE EXCEPTION 'device % is blocked', NEW.ident", "NEW.device_id = 502450"
+    )
+    listener, notes = await listen(database_url)
+    try:
+        status, reply, path = await send(client, array(good), "trickled")
+        # only the refused message's window went message by message; the body stays one batch
+        new = len(good) - stored_before
+        assert (status, reply, path) == (
+            200,
+            {"stored": new - 1, "duplicates": stored_before, "rejected": 1},
+            "windows",
+        )
+        (reason,) = [r[0] for r in await db.fetch("SELECT reason FROM rejected_messages")]
+        assert reason.startswith("PostgreSQL refused it: device 352625333202450 is blocked")
+        assert await count(db) == len(good) - 1
+        note = await asyncio.wait_for(notes.get(), 5)
+        assert note["count"] == new - 1
+        # sent again: the refused message was quarantined before, the rest is stored
+        status, reply, path = await send(client, array(good), "trickled")
+        assert (status, reply, path) == (
+            200,
+            {"stored": 0, "duplicates": len(good) - 1, "rejected": 1},
+            "windows",
+        )
+        assert await count(db, "rejected_messages") == 1
+    finally:
+        await listener.close()
+
+
+async def test_a_refusing_stream_answers_422_for_a_message_postgresql_refuses(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    client = await receiver(streams=REJECT_STREAM)
     good = [orjson.dumps(flespi_message(i)) for i in range(600)]
-    status, reply, _ = await send(client, array(good[:300]), "trickled")
-    assert status == 200
     await refuse_in_trigger(
         db, "RAISE EXCEPTION 'device % is blocked', NEW.ident", "NEW.device_id = 500450"
     )
-    status, reply, path = await send(client, array(good), "trickled")
-    # the window's COPY fails as a whole: message by message tells the refused one apart
-    assert (status, reply, path) == (
-        200,
-        {"stored": 299, "duplicates": 300, "rejected": 1},
-        "careful",
-    )
-    (reason,) = [r[0] for r in await db.fetch("SELECT reason FROM rejected_messages")]
-    assert reason.startswith("PostgreSQL refused it: device 352625333200450 is blocked")
-    assert await count(db) == 599
+    status, reply, _ = await send(client, array(good), "trickled")
+    assert status == 422
+    assert "device 352625333200450 is blocked" in reply["error"]
+    assert await count(db) == 0
 
 
 async def test_a_refusing_stream_still_refuses_a_resent_body_with_bad_content(
@@ -125,7 +156,7 @@ async def test_a_refusing_stream_still_refuses_a_resent_body_with_bad_content(
     assert await count(db, "rejected_messages") == 0
 
 
-async def test_a_resent_body_costs_about_what_it_cost_the_first_time(
+async def test_a_resent_body_or_one_with_a_refused_message_costs_about_a_first_one(
     tmp_path: Path, database_url: str, db: asyncpg.Connection
 ) -> None:
     size = 8000
@@ -139,6 +170,19 @@ async def test_a_resent_body_costs_about_what_it_cost_the_first_time(
         for _ in range(2):
             assert await asyncio.to_thread(chunked_gzip_upload, served.port, body) == 200
             costs.append((served.memory_kib("VmHWM") - before) * 1024 / len(body))
-    assert await count(db) == size + 1
+        # and a body holding a message PostgreSQL refuses (it went message by message: 7x)
+        await db.execute(
+            "ALTER TABLE messages ADD CONSTRAINT no_refuse CHECK (ident <> 'REFUSE') NOT VALID"
+        )
+        refused = orjson.dumps(
+            [*(flespi_message(size + i) for i in range(size)), {"ident": "REFUSE"}]
+        )
+        served.reset_peak()
+        before = served.memory_kib()
+        assert await asyncio.to_thread(chunked_gzip_upload, served.port, refused) == 200
+        costs.append((served.memory_kib("VmHWM") - before) * 1024 / len(refused))
+    assert await count(db) == 2 * size + 1
+    assert await count(db, "rejected_messages") == 1
     # stored first, then sent again (each message decoded apart, this was 6.7x)
     assert costs[1] <= 4, costs
+    assert costs[2] <= 4, costs

@@ -23,11 +23,11 @@ import asyncpg
 import orjson
 
 from flespi_receiver.bench import SCHEMA, copy_batches
+from flespi_receiver.copy_in import INSERT_MESSAGES, insert_record
 from flespi_receiver.emulator import batches_of, encode_messages, sample_messages
 from flespi_receiver.fields import MESSAGE_COLUMNS
 from flespi_receiver.messages import Message
 from flespi_receiver.migrate import create_migrated_database
-from flespi_receiver.store import INSERT_MESSAGES, _record
 
 DATABASE = "flespi_bench_position"
 WITH, WITHOUT = "with_position", "without_position"
@@ -79,7 +79,7 @@ async def one_round(conn: asyncpg.Connection, count: int, size: int, seed: int) 
         work: list[Any] = copy_batches(encoded, size)
     else:
         work = [
-            [_record("main", Message(raw, orjson.loads(raw))) for raw in batch]
+            [insert_record("main", Message(raw, orjson.loads(raw))) for raw in batch]
             for batch in batches_of(encoded, size)
         ]
     for number, batch in enumerate(work):

@@ -26,6 +26,17 @@ JOIN messages m
   ON m.stream = $1 AND m.partition_ts = k.partition_ts AND m.message_hash = k.message_hash
 """
 
+# The careful insert: skips what another receiver committed meanwhile, and says what it stored.
+INSERT_MESSAGES = """
+INSERT INTO messages (stream, ident, ts, server_ts, channel_id, device_id, latitude, longitude,
+                      partition_ts, payload, message_hash)
+SELECT $1, * FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[],
+                         $6::bigint[], $7::float8[], $8::float8[], $9::timestamptz[],
+                         $10::jsonb[], $11::bytea[])
+ON CONFLICT (stream, partition_ts, message_hash) DO NOTHING
+RETURNING id
+"""
+
 _T = TypeVar("_T")
 
 
@@ -38,6 +49,24 @@ async def existing(conn: Connection, stream: str, messages: Iterable[Message]) -
         identities.append(message.identity)
     found = await conn.fetch(EXISTING_MESSAGES, stream, times, identities)
     return {row[0] for row in found}
+
+
+def insert_record(stream: str, message: Message) -> tuple[Any, ...]:
+    """The row as INSERT_MESSAGES takes it (times as exact datetimes, like the COPY rows)."""
+    ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts = message.columns
+    return (
+        stream,
+        ident,
+        as_datetime(ts),
+        as_datetime(server_ts),
+        channel_id,
+        device_id,
+        latitude,
+        longitude,
+        as_datetime(partition_ts),
+        message.raw.decode(),
+        message.identity,
+    )
 
 
 async def copy_rows(

@@ -15,22 +15,36 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Any
+
+import asyncpg
 
 from flespi_receiver import body_cost
 from flespi_receiver.body import BodyReader
 from flespi_receiver.copy_format import copy_chunks
-from flespi_receiver.copy_in import Connection, as_async, copy_rows, existing, unless_careful
+from flespi_receiver.copy_in import (
+    INSERT_MESSAGES,
+    Connection,
+    as_async,
+    copy_rows,
+    existing,
+    insert_record,
+    unless_careful,
+)
 from flespi_receiver.device_state import BatchEffects, DeviceFold, Stored, finishing_statement
+from flespi_receiver.errors import BatchRejected, drop_frames
+from flespi_receiver.failures import state_kind
 from flespi_receiver.fields import MessageFields
 from flespi_receiver.messages import (
     Message,
     Rejected,
     exact_messages,
+    identity_of,
     in_turns,
     judged_large_apart,
 )
-from flespi_receiver.rejected_store import store_rejected
-from flespi_receiver.splitter import ElementSplitter
+from flespi_receiver.rejected_store import quarantined, store_rejected
+from flespi_receiver.splitter import ElementSplitter, NotExact
 
 # messages looked up and copied at a time: one round trip and one COPY each
 WINDOW = 1000
@@ -39,11 +53,13 @@ _THREADED_SPLIT = 1024 * 1024
 
 
 class _Windows:
-    """The messages of a body, window by window: what was stored, what was there before.
+    """The messages of a body, window by window: what was stored, what was there before, what
+    PostgreSQL refused.
 
     A copy of a message in the same window is left out there; one in a later window is found
     stored, by this transaction, like a message stored before: no identity of the whole body
-    is held."""
+    is held. A window whose COPY PostgreSQL refuses goes message by message, each in a
+    savepoint, so that only the refused messages are set apart."""
 
     def __init__(self, conn: Connection, stream: str, fold: DeviceFold) -> None:
         self.conn = conn
@@ -51,6 +67,7 @@ class _Windows:
         self.fold = fold
         self.window: dict[bytes, Message] = {}
         self.stored = 0
+        self.refused: list[tuple[Message, asyncpg.PostgresError]] = []
 
     async def add(self, messages: Iterable[Message]) -> None:
         for message in messages:
@@ -64,9 +81,42 @@ class _Windows:
             return
         stored_before = await existing(self.conn, self.stream, window.values())
         fresh = [message for identity, message in window.items() if identity not in stored_before]
-        if fresh:
-            chunks = copy_chunks(self.stream, fresh, self.fold)
-            self.stored += await copy_rows(self.conn, as_async(chunks))
+        if not fresh:
+            return
+        try:
+            async with self.conn.transaction():  # a savepoint: a refusal undoes this window only
+                chunks = copy_chunks(self.stream, fresh, None)
+                self.stored += await copy_rows(self.conn, as_async(chunks))
+        except asyncpg.PostgresError as exc:
+            if state_kind(exc) is not None:
+                raise
+            drop_frames(exc)
+            await self._one_by_one(fresh)
+            return
+        for message in fresh:
+            self.fold.add(message, message.columns, message.identity)
+
+    async def _one_by_one(self, fresh: list[Message]) -> None:
+        for message in fresh:
+            try:
+                async with self.conn.transaction():
+                    row = await self.conn.fetchrow(
+                        INSERT_MESSAGES,
+                        *_one_row(insert_record(self.stream, message)),
+                    )
+            except asyncpg.PostgresError as exc:
+                if state_kind(exc) is not None:
+                    raise
+                self.refused.append((message, exc))
+                continue
+            if row is not None:  # else another receiver stored it meanwhile
+                self.stored += 1
+                self.fold.add(message, message.columns, message.identity)
+
+
+def _one_row(record: tuple[Any, ...]) -> list[Any]:
+    """INSERT_MESSAGES' arguments for one record: the stream, then each column as an array."""
+    return [record[0], *([value] for value in record[1:])]
 
 
 async def store_in_windows(
@@ -88,6 +138,8 @@ async def store_in_windows(
         splitter = ElementSplitter()
         windows = _Windows(conn, stream, fold)
         async with conn.transaction():
+            # a deferred constraint refuses its own message, not the COMMIT (as in store.py)
+            await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
             async for data in body.chunks():
                 devices = len(fold.latest) + len(fold.every)
                 pending = splitter.pending + len(data)
@@ -103,6 +155,8 @@ async def store_in_windows(
             split.elements += len(last)
             await windows.add(exact_messages(last, fields, rejected))
             await windows.flush()
+            if windows.refused:
+                await _judge_refused(conn, stream, windows, rejected)
             if rejected:
                 await store_rejected(conn, stream, rejected)
             if windows.stored:
@@ -114,3 +168,23 @@ async def store_in_windows(
         return split.elements, windows.stored, duplicates, kept_apart
 
     return await unless_careful(attempt())
+
+
+async def _judge_refused(
+    conn: Connection, stream: str, windows: _Windows, rejected: list[Rejected] | None
+) -> None:
+    """Messages PostgreSQL refused are content when another message of the body stored, or
+    when they were quarantined before (a resent batch); then they are set apart (a refusing
+    stream answers 422). Else only the careful path tells content from the database's state:
+    NotExact."""
+    refused = windows.refused
+    if not windows.stored:
+        known = await quarantined(conn, stream, [message.raw for message, _ in refused])
+        if any(identity_of(message.raw) not in known for message, _ in refused):
+            raise NotExact
+    reasons = [
+        Rejected(message.raw, f"PostgreSQL refused it: {error}") for message, error in refused
+    ]
+    if rejected is None:
+        raise BatchRejected(reasons[0].reason)
+    rejected.extend(reasons)

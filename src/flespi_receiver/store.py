@@ -23,7 +23,15 @@ from flespi_receiver.copy_format import (
     row_chunks,
     stream_field,
 )
-from flespi_receiver.copy_in import Connection, as_async, copy_rows, existing, unless_careful
+from flespi_receiver.copy_in import (
+    INSERT_MESSAGES,
+    Connection,
+    as_async,
+    copy_rows,
+    existing,
+    insert_record,
+    unless_careful,
+)
 from flespi_receiver.device_state import (
     DEFAULT_EFFECTS,
     BatchEffects,
@@ -34,7 +42,7 @@ from flespi_receiver.device_state import (
 )
 from flespi_receiver.errors import BatchRejected
 from flespi_receiver.failures import DatabaseState, shared_kind, state_kind
-from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields, as_datetime
+from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.json_scan import split_array
 from flespi_receiver.messages import (
     MAX_REJECTED_ELEMENTS,
@@ -60,16 +68,6 @@ from flespi_receiver.timeouts import bound_streamed, client_timeout
 
 log = structlog.get_logger("flespi_receiver.store")
 
-# The careful insert: skips what another receiver committed meanwhile, and says what it stored.
-INSERT_MESSAGES = """
-INSERT INTO messages (stream, ident, ts, server_ts, channel_id, device_id, latitude, longitude,
-                      partition_ts, payload, message_hash)
-SELECT $1, * FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[],
-                         $6::bigint[], $7::float8[], $8::float8[], $9::timestamptz[],
-                         $10::jsonb[], $11::bytea[])
-ON CONFLICT (stream, partition_ts, message_hash) DO NOTHING
-RETURNING id
-"""
 
 _T = TypeVar("_T")
 
@@ -93,24 +91,6 @@ class StoreResult:
     duplicates: int
     rejected: int
     path: str = CAREFUL_PATH
-
-
-def _record(stream: str, message: Message) -> tuple[Any, ...]:
-    """The row as INSERT_MESSAGES takes it (times as exact datetimes, like the COPY rows)."""
-    ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts = message.columns
-    return (
-        stream,
-        ident,
-        as_datetime(ts),
-        as_datetime(server_ts),
-        channel_id,
-        device_id,
-        latitude,
-        longitude,
-        as_datetime(partition_ts),
-        message.raw.decode(),
-        message.identity,
-    )
 
 
 async def store_batch(
@@ -296,7 +276,7 @@ async def _store_optimistically(
     async def insert() -> int:
         fold = DeviceFold(effects.merge)
         for message in exact_messages(elements, fields, set_aside):
-            records.append(_record(stream, message))
+            records.append(insert_record(stream, message))
             if effects.device_state:
                 fold.add(message, message.columns, message.identity)
         if not records:
@@ -427,7 +407,7 @@ async def _store_messages(
     if await unless_careful(copy()) is not None:
         return Stored.copied(copied)
     # another receiver stored some of these meanwhile, or PostgreSQL refused one of them
-    records = [_record(stream, message) for _, message in fresh]
+    records = [insert_record(stream, message) for _, message in fresh]
 
     async def insert() -> list[int]:
         async with conn.transaction():
@@ -496,7 +476,7 @@ async def _still_insertable(conn: Connection, stream: str, message: Message) -> 
     It goes in again under an identity of its own, so that ON CONFLICT does not skip it
     before the AFTER triggers; nothing of it stays.
     """
-    record = _record(stream, message)
+    record = insert_record(stream, message)
     probe_record = (*record[:-1], secrets.token_bytes(len(record[-1])))
     probe = conn.transaction()
     await probe.start()
