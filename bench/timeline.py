@@ -20,6 +20,7 @@ which is why it is not part of the installed package).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import glob
 import json
 import os
@@ -169,8 +170,10 @@ STEPS: list[tuple[str, Callable[[dict[str, Any], dict[str, Any]], float]]] = [
     ("BEGIN", lambda c, r: r["begun"] - r["begin"]),
     ("session limits of a streamed body", lambda c, r: r["bound_done"] - r["bound"]),
     ("COPY sent -> first chunk of data made", lambda c, r: r["first_chunk"] - r["copy"]),
-    ("first -> last chunk made (body read, split, judged, encoded)",
-     lambda c, r: r["last_chunk"] - r["first_chunk"]),
+    (
+        "first -> last chunk made (body read, split, judged, encoded)",
+        lambda c, r: r["last_chunk"] - r["first_chunk"],
+    ),
     ("last chunk made -> PostgreSQL's COPY answer", lambda c, r: r["copy_done"] - r["last_chunk"]),
     ("COPY answer -> finishing statement sent", lambda c, r: r["finish"] - r["copy_done"]),
     ("finishing statement (device_state, NOTIFY)", lambda c, r: r["finish_done"] - r["finish"]),
@@ -201,10 +204,8 @@ def report(out: str) -> None:
     for name, step in STEPS:
         values = []
         for post, done in pairs:
-            try:
+            with contextlib.suppress(KeyError):  # a step the batch did not take
                 values.append(step(post, done))
-            except KeyError:
-                pass
         if values:
             print(f"  {name:<62} {statistics.median(values) * 1000:8.2f}")
     copies = sender["copies"]
