@@ -221,6 +221,44 @@ async def test_one_notification_per_batch_whatever_path_stored_it(
     assert await db.fetchval("SELECT count(*) FROM device_state") == 2 * size
 
 
+# device times at the ends of the accepted range and in between, to the microsecond
+EDGE_TIMES = [
+    -2208988800.0,
+    -1.5,
+    946684799.999999,
+    1764000000.123457,
+    32503680000.5,
+    253402300799.0,
+]
+
+
+@pytest.mark.parametrize("size", [5, 55, 80], ids=["insert", "copy", "streamed"])
+async def test_the_state_keeps_its_message_time_to_the_microsecond(
+    receiver: ClientFactory, db: asyncpg.Connection, size: int
+) -> None:
+    # one device per time; devices without a time take their partition time from the server's
+    items = [
+        message(f"t{i}", EDGE_TIMES[i % len(EDGE_TIMES)], pad=PAD)
+        if i % 3
+        else message(f"t{i}", None, pad=PAD, **{"server.timestamp": EDGE_TIMES[i // 3 % 6]})
+        for i in range(size)
+    ]
+    client = await receiver()
+    assert (await send(client, *items))["stored"] == size
+    rows = await db.fetch(
+        "SELECT s.ident, s.ts, s.message_id, m.id, m.ts AS message_ts FROM device_state s "
+        "JOIN messages m ON m.stream = s.stream AND m.message_hash = s.message_hash "
+        "WHERE s.stream = 'main' AND s.ident = ANY($1::text[])",
+        [item["ident"] for item in items],
+    )
+    assert len(rows) == size
+    for row in rows:
+        assert row["ts"] == row["message_ts"], row["ident"]
+        assert row["message_id"] == row["id"], row["ident"]  # found by its partition time
+    with_time = sum(1 for row in rows if row["ts"] is not None)
+    assert with_time == sum(1 for item in items if "timestamp" in item)
+
+
 OLD_MERGE_SESSION = {"flespi_receiver.device_state_merge": "on", "search_path": "flespi"}
 
 

@@ -175,14 +175,15 @@ class DeviceFold:
 
     def latest_arguments(self) -> list[list[Any]]:
         """keep_latest()'s arrays: idents (sorted, so that receivers lock rows in one order),
-        times, identities, partition times (NULL where equal to the time: most often)."""
+        times, identities, partition times (NULL where equal to the time: most often); times
+        in microseconds since 2000-01-01 UTC (KEEP_LATEST makes them timestamptz)."""
         idents = sorted(self.latest)
         rows = [self.latest[ident] for ident in idents]
         return [
             idents,
-            [as_datetime(row[1]) for row in rows],
+            [None if row[1] is None else postgres_usecs(row[1]) for row in rows],
             [row[2] for row in rows],
-            [None if row[1] == row[3] else as_datetime(row[3]) for row in rows],
+            [None if row[1] == row[3] else postgres_usecs(row[3]) for row in rows],
         ]
 
     def merged_arguments(self, with_payloads: bool = False) -> list[list[Any]]:

@@ -28,7 +28,15 @@ from flespi_receiver.fields import as_datetime
 __all__ = ["DeviceFold", "parameter_keys", "state_order"]
 
 # The statement a batch ends with, in parts: $1 stream, then the state's arrays, then NOTIFY's.
-KEEP_LATEST = "keep_latest($1, ${}, ${}, ${}, ${})"
+# a timestamptz[] made exactly from an int8[] of microseconds since 2000-01-01 UTC (postgres_usecs),
+# in order: for 1000 devices a third of what a timestamptz[] of datetimes costs asyncpg and
+# PostgreSQL (1.0 against 3.1 ms), whatever the session's time zone
+TIMES_FROM_USECS = (
+    "ARRAY(SELECT timestamptz '2000-01-01 00:00:00+00' + (u / 1000000) * interval '1 second' "
+    "+ (u % 1000000) * interval '1 microsecond' "
+    "FROM unnest(${}::int8[]) WITH ORDINALITY AS t(u, n) ORDER BY n)"
+)
+KEEP_LATEST = f"keep_latest($1, ${{}}, {TIMES_FROM_USECS}, ${{}}, {TIMES_FROM_USECS})"
 KEEP_MERGED = "keep_merged($1, {})".format(", ".join("${}" for _ in range(12)))
 # the same, for a batch PostgreSQL folds (device_fold.MERGED_OF_TRANSACTION, as f)
 KEEP_MERGED_FOLDED = (

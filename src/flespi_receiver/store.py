@@ -43,6 +43,7 @@ from flespi_receiver.device_state import (
 from flespi_receiver.errors import BatchRejected
 from flespi_receiver.failures import DatabaseState, shared_kind, state_kind
 from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
+from flespi_receiver.finishing import Finishing
 from flespi_receiver.json_scan import split_array
 from flespi_receiver.messages import (
     MAX_REJECTED_ELEMENTS,
@@ -334,11 +335,12 @@ async def _copy_optimistically(
         async with conn.transaction():
             if command_timeout is not None:
                 await bound_streamed(conn, command_timeout, arrival)
-            stored = await copy_rows(conn, copy_data, limit)
+            finishing = Finishing(effects, stream, fold)
+            stored = await copy_rows(conn, finishing.after(copy_data), limit)
             if rejected:  # complete now: the COPY has read all its data
                 await store_rejected(conn, stream, rejected)
-            if stored:
-                await _finish(conn, stream, effects, fold, Stored.copied(fold))
+            if stored and (statement := finishing.statement()) is not None:
+                await conn.execute(statement[0], *statement[1])
             return stored
 
     return await unless_careful(copy())
