@@ -9,7 +9,7 @@ from typing import Any, TypeVar, cast
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from flespi_receiver.errors import drop_frames
+from flespi_receiver.errors import BodyError, drop_frames
 from flespi_receiver.failures import state_kind
 from flespi_receiver.fields import MESSAGE_COLUMNS, as_datetime
 from flespi_receiver.messages import Message
@@ -82,6 +82,22 @@ async def copy_rows(
         "messages", source=source, columns=MESSAGE_COLUMNS, format="binary", timeout=limit
     )
     return int(status.rsplit(" ", 1)[1])
+
+
+async def ended_on_body_error(
+    source: AsyncIterator[bytes | memoryview], stopped: list[BodyError]
+) -> AsyncIterator[bytes | memoryview]:
+    """`source`, ended early when making it meets the body's own error (a timeout, a body too
+    large or broken, no room for it), which is appended to `stopped` for the caller to raise
+    once the COPY has returned, in the transaction it then rolls back. Raised from the data
+    itself, asyncpg would cancel the COPY and wait for the cancellation, which never comes when
+    PostgreSQL already refused a row of it: the session sat idle in its transaction until
+    command_timeout."""
+    try:
+        async for chunk in source:
+            yield chunk
+    except BodyError as exc:
+        stopped.append(exc)
 
 
 async def as_async(chunks: Iterator[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:

@@ -28,6 +28,7 @@ from flespi_receiver.copy_in import (
     Connection,
     as_async,
     copy_rows,
+    ended_on_body_error,
     existing,
     insert_record,
     unless_careful,
@@ -40,7 +41,7 @@ from flespi_receiver.device_state import (
     finishing_statement,
     small_batch_statement,
 )
-from flespi_receiver.errors import BatchRejected
+from flespi_receiver.errors import BatchRejected, BodyError
 from flespi_receiver.failures import DatabaseState, shared_kind, state_kind
 from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.finishing import Finishing
@@ -336,7 +337,16 @@ async def _copy_optimistically(
             if command_timeout is not None:
                 await bound_streamed(conn, command_timeout, arrival)
             finishing = Finishing(effects, stream, fold)
-            stored = await copy_rows(conn, finishing.after(copy_data), limit)
+            stopped: list[BodyError] = []
+            data = ended_on_body_error(copy_data, stopped)
+            try:
+                stored = await copy_rows(conn, finishing.after(data), limit)
+            except asyncpg.PostgresError:
+                if stopped:  # the body's error, not the COPY it cut short
+                    raise stopped[0] from None
+                raise
+            if stopped:
+                raise stopped[0]
             if rejected:  # complete now: the COPY has read all its data
                 await store_rejected(conn, stream, rejected)
             if stored and (statement := finishing.statement()) is not None:
