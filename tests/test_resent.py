@@ -142,6 +142,29 @@ async def test_a_refusing_stream_answers_422_for_a_message_postgresql_refuses(
     assert await count(db) == 0
 
 
+@pytest.mark.parametrize("size", [20, 600])
+async def test_a_422_for_a_refused_row_quotes_no_payload_in_the_reply_or_the_log(
+    receiver: ClientFactory, db: asyncpg.Connection, size: int
+) -> None:
+    # a CHECK constraint's DETAIL quotes the failing row, payload and all
+    client = await receiver(streams=REJECT_STREAM)
+    await db.execute(
+        "ALTER TABLE messages ADD CONSTRAINT no_refuse CHECK (ident <> 'REFUSE') NOT VALID"
+    )
+    secret = "payload-only-text-7f3a"
+    messages = [
+        orjson.dumps(flespi_message(i, note=secret, ident="REFUSE" if i == 5 else None))
+        for i in range(size)
+    ]
+    how = "trickled" if size > 100 else "whole"
+    status, reply, _ = await send(client, array(messages), how)
+    assert status == 422
+    # the reply's error is also the reason of the request's `batch` log line
+    assert "no_refuse" in reply["error"]
+    assert secret not in reply["error"]
+    assert await count(db) == 0
+
+
 async def test_a_refusing_stream_still_refuses_a_resent_body_with_bad_content(
     receiver: ClientFactory, db: asyncpg.Connection
 ) -> None:

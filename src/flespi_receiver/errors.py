@@ -36,7 +36,9 @@ class BatchRejected(ReceiverError):
     """A stream in `on_invalid = "reject"` mode got content that can't be stored as it is."""
 
     def __init__(self, reason: str, *, whole_body: bool = False) -> None:
-        super().__init__(reason)
+        # the first line only: PostgreSQL's DETAIL may quote the refused row, payload and all,
+        # and this reason is the reply's and the log line's
+        super().__init__(reason.split("\n", 1)[0])
         # the body as a whole is not a JSON array (400), rather than a bad message in it (422)
         self.whole_body = whole_body
 
