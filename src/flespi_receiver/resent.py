@@ -5,10 +5,12 @@ The body's chunks are split again as they arrived; each window of WINDOW message
 in the stream (which identities are stored?) and what is new goes in by COPY, all in one
 transaction with the quarantine, the device state and the NOTIFY, as for any batch. Only a
 window of messages is held at a time, not every message of the body decoded apart, so a
-resent body costs about what it cost the first time (`flespi-receiver bench --memory-shapes`).
-What only the careful path tells apart (a message PostgreSQL refuses, one stored by another
-receiver meanwhile, content a refusing stream must answer 422 for, a body that is not an
-array) rolls this back and leaves the body to it (store.py).
+resent body costs about what it cost the first time (tests/test_resent.py). A window whose
+COPY PostgreSQL refuses (a row a constraint or a trigger refuses, one another receiver stored
+meanwhile) goes message by message in savepoints, so that only the refused rows are set apart.
+What only the careful path tells apart (every new message refused and none quarantined
+before: content or the database's state?; content a refusing stream must answer 422 for; a
+body that is not an array) rolls this back and leaves the body to it (store.py).
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ async def store_in_windows(
 ) -> tuple[int, int, int, int] | None:
     """Store `body` window by window in one transaction; (messages, stored, duplicates,
     rejected), or None when the careful path must decide (nothing stored). Raises what
-    tells the database's state (failures.py) and the body's own errors (BodyTimeout...)."""
+    tells the database's state (failures.py), the body's own errors (BodyTimeout...), and
+    BatchRejected when a refusing stream's body holds a row PostgreSQL refuses."""
     rejected: list[Rejected] | None = [] if quarantine else None
     fold = DeviceFold(effects.merge)
     split = body_cost.Split()
