@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
 import os
 import statistics
 import subprocess
@@ -30,22 +29,11 @@ import aiohttp
 import asyncpg
 
 from flespi_receiver import bench
+from flespi_receiver.bench_spelling import cpu_seconds
 from flespi_receiver.embedded import free_port
 from flespi_receiver.emulator import StreamEmulator, batches_of, encode_messages, sample_messages
 
 COPY = "COPY"
-
-
-def cpu_seconds(pid: int) -> float:
-    """The process's CPU time, all threads, in seconds."""
-    total = 0
-    for name in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            with open(name) as f:
-                total += int(f.read().split()[0])
-        except OSError:
-            pass
-    return total / 1e9
 
 
 async def run(args: argparse.Namespace) -> None:

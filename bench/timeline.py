@@ -31,23 +31,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from flespi_receiver.bench_spelling import cpu_seconds
+
 OUT = "FLESPI_TIMELINE_OUT"
 now = time.perf_counter
 batch: dict[str, Any] = {}
 batches: list[dict[str, Any]] = []
-
-
-def cpu_seconds(pid: int | str, threads: bool = False) -> float:
-    """CPU time of a process (its threads summed when `threads`), in seconds."""
-    files = glob.glob(f"/proc/{pid}/task/*/schedstat") if threads else [f"/proc/{pid}/schedstat"]
-    total = 0
-    for name in files:
-        try:
-            with open(name) as f:
-                total += int(f.read().split()[0])
-        except OSError:
-            pass
-    return total / 1e9
 
 
 def note(name: str) -> None:
@@ -78,13 +67,13 @@ def receiver() -> None:
 
     async def timed_handle(self: Any, request: Any) -> Any:
         global batch
-        batch = {"handler": now(), "cpu0": cpu_seconds(os.getpid(), threads=True)}
+        batch = {"handler": now(), "cpu0": cpu_seconds(os.getpid())}
         execute_statement[0] = False
         try:
             return await handle(self, request)
         finally:
             batch["handler_end"] = now()
-            batch["cpu"] = cpu_seconds(os.getpid(), threads=True) - batch.pop("cpu0")
+            batch["cpu"] = cpu_seconds(os.getpid()) - batch.pop("cpu0")
             if "backend" in batch:
                 batch["backend_cpu"] = cpu_seconds(batch["backend"]) - batch.pop("backend0")
             batches.append(batch)

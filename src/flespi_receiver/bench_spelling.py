@@ -66,7 +66,7 @@ def _texts(messages: list[dict[str, Any]], encoded: list[bytes], variant: str) -
     return [spelled(m, variant) for m in messages]  # type: ignore[arg-type]
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int | str) -> float:
     """CPU time the process's threads have run so far, in seconds (from the scheduler's own
     count in nanoseconds, /proc/<pid>/task/<tid>/schedstat)."""
     total = 0
