@@ -7,14 +7,16 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import orjson
+
+from flespi_receiver.embedded import free_port
 
 TOKEN = "Bearer test-token"
 # a whole valid configuration file, with secrets that must never be printed
@@ -225,3 +227,37 @@ async def finished(process: asyncio.subprocess.Process) -> tuple[int, str]:
     _, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return process.returncode, stderr.decode()
+
+
+def memory_kib(pid: int, field: str = "VmRSS") -> int:
+    """A process's memory figure from /proc/<pid>/status (VmRSS, VmHWM...), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def reset_peak(pid: int) -> None:
+    """VmHWM becomes the present resident size (proc(5), clear_refs)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+@asynccontextmanager
+async def receiver_of_its_own(
+    tmp_path: Path, database_url: str, max_body_size: int
+) -> AsyncIterator[tuple[aiohttp.ClientSession, str, int]]:
+    """`flespi-receiver serve` in a process of its own, so that its peak memory is what the
+    test sends: (a session, the stream's URL, the process id), after one small batch, so that
+    what any batch loads is in the baseline."""
+    port = free_port()
+    config = config_file(tmp_path, database_url, port)
+    config.write_text(
+        config.read_text().replace("[server]\n", f"[server]\nmax_body_size = {max_body_size}\n")
+    )
+    with receiver_process(config) as process:
+        await wait_until_serving(port, process)
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/flespi"
+            async with session.post(url, data=b'[{"a":1}]', headers=AUTH) as reply:
+                assert reply.status == 200
+            yield session, url, process.pid

@@ -28,7 +28,9 @@ from helpers import (
     count,
     flespi_message,
     log_events,
+    memory_kib,
     receiver_process,
+    reset_peak,
     wait_until_serving,
 )
 
@@ -47,14 +49,10 @@ class Served:
         return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
     def memory_kib(self, field: str = "VmRSS") -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise AssertionError(field)
+        return memory_kib(self.process.pid, field)
 
     def reset_peak(self) -> None:
-        """VmHWM becomes the present resident size (proc(5), clear_refs)."""
-        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+        reset_peak(self.process.pid)
 
     def connect(self) -> socket.socket:
         raw = socket.create_connection(("127.0.0.1", self.port))

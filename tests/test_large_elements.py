@@ -10,14 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flespi_receiver.embedded import free_port
 from flespi_receiver.fields import DEFAULT_FIELDS
 from flespi_receiver.large_element import LARGE_ELEMENT, judge_large
 from flespi_receiver.messages import Message, Rejected, judge_element
@@ -25,12 +23,12 @@ from flespi_receiver.messages import Message, Rejected, judge_element
 from conftest import STREAM_TOML
 from helpers import (
     AUTH,
-    config_file,
     count,
-    receiver_process,
+    memory_kib,
+    receiver_of_its_own,
     reply_on,
+    reset_peak,
     send_partial_body,
-    wait_until_serving,
 )
 
 NAMES = DEFAULT_FIELDS.large_names or ()
@@ -155,18 +153,6 @@ async def test_large_messages_are_stored_with_their_columns_or_quarantined(
     assert await count(db, "rejected_messages") == 2
 
 
-def _memory_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(field)
-
-
-def _reset_peak(pid: int) -> None:
-    # "5" resets the peak resident set size (proc(5), clear_refs)
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
 BODY_SIZE = 4 * 1024 * 1024
 SHAPES: dict[str, bytes] = {
     "one huge string": b'[{"ident":"s","s":"' + b"x" * BODY_SIZE + b'"}]',
@@ -181,27 +167,16 @@ SHAPES: dict[str, bytes] = {
 async def test_a_body_of_one_huge_message_costs_a_few_times_its_size(
     tmp_path: Path, database_url: str, db: asyncpg.Connection
 ) -> None:
-    port = free_port()
-    config = config_file(tmp_path, database_url, port)
-    config.write_text(
-        config.read_text().replace("[server]\n", f"[server]\nmax_body_size = {2 * BODY_SIZE}\n")
-    )
     costs: dict[str, float] = {}
-    with receiver_process(config) as process:
-        await wait_until_serving(port, process)
-        async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{port}/flespi"
-            # a small batch first, so that what any batch loads is in the baseline
-            async with session.post(url, data=b'[{"a":1}]', headers=AUTH) as reply:
-                assert reply.status == 200
-            for name, body in SHAPES.items():
-                await asyncio.sleep(0.2)
-                _reset_peak(process.pid)
-                before = _memory_kib(process.pid, "VmRSS")
-                async with session.post(url, data=io.BytesIO(body), headers=AUTH) as reply:
-                    assert reply.status == 200, (name, await reply.text())
-                peak = _memory_kib(process.pid, "VmHWM")
-                costs[name] = (peak - before) * 1024 / len(body)
+    async with receiver_of_its_own(tmp_path, database_url, 2 * BODY_SIZE) as (session, url, pid):
+        for name, body in SHAPES.items():
+            await asyncio.sleep(0.2)
+            reset_peak(pid)
+            before = memory_kib(pid, "VmRSS")
+            async with session.post(url, data=io.BytesIO(body), headers=AUTH) as reply:
+                assert reply.status == 200, (name, await reply.text())
+            peak = memory_kib(pid, "VmHWM")
+            costs[name] = (peak - before) * 1024 / len(body)
     assert await count(db) == 3
     assert await count(db, "rejected_messages") == 2
     # the body as received, the element's own bytes and what is sent on: about 3 x

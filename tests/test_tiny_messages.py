@@ -8,7 +8,6 @@ import io
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -16,12 +15,11 @@ import pytest
 from flespi_receiver.bench_shapes import tiny_messages
 from flespi_receiver.copy_format import Distinct
 from flespi_receiver.device_fold import KEPT_DEVICES
-from flespi_receiver.embedded import free_port
 from flespi_receiver.identity import IDENTITY_SIZE, text_identity
 from flespi_receiver.identity_set import IdentitySet
 
 from conftest import STREAM_TOML
-from helpers import AUTH, config_file, count, receiver_process, wait_until_serving
+from helpers import AUTH, count, memory_kib, receiver_of_its_own
 
 SECOND_STREAM = STREAM_TOML.replace('"main"', '"second"').replace('"/flespi"', '"/second"')
 DEVICES = KEPT_DEVICES + 300
@@ -155,13 +153,6 @@ async def test_a_batch_of_very_many_devices_keeps_the_state_of_ordinary_batches(
     assert await count(db) == 2 * len(texts) + 2 * len(newer)
 
 
-def _memory_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(field)
-
-
 BODY_SIZE = 4 * 1024 * 1024
 BODIES = {
     "stored": lambda: tiny_messages(BODY_SIZE, 1),
@@ -174,24 +165,13 @@ async def test_a_body_of_tiny_messages_from_as_many_devices_costs_a_few_times_it
     tmp_path: Path, database_url: str, db: asyncpg.Connection, shape: str
 ) -> None:
     body = BODIES[shape]()
-    port = free_port()
-    config = config_file(tmp_path, database_url, port)
-    config.write_text(
-        config.read_text().replace("[server]\n", f"[server]\nmax_body_size = {2 * BODY_SIZE}\n")
-    )
     # a receiver process of its own: its peak is this body's alone
-    with receiver_process(config) as process:
-        await wait_until_serving(port, process)
-        async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{port}/flespi"
-            # a small batch first, so that what any batch loads is in the baseline
-            async with session.post(url, data=b'[{"a":1}]', headers=AUTH) as reply:
-                assert reply.status == 200
-            before = _memory_kib(process.pid, "VmHWM")
-            async with session.post(url, data=io.BytesIO(body), headers=AUTH) as reply:
-                assert reply.status == 200, await reply.text()
-                answer = await reply.json()
-            cost = (_memory_kib(process.pid, "VmHWM") - before) * 1024 / len(body)
+    async with receiver_of_its_own(tmp_path, database_url, 2 * BODY_SIZE) as (session, url, pid):
+        before = memory_kib(pid, "VmHWM")
+        async with session.post(url, data=io.BytesIO(body), headers=AUTH) as reply:
+            assert reply.status == 200, await reply.text()
+            answer = await reply.json()
+        cost = (memory_kib(pid, "VmHWM") - before) * 1024 / len(body)
     bad = body.count(b'"ident":"bad"')
     elements = body.count(b"},{") + 1
     assert answer == {"stored": elements - bad, "duplicates": 0, "rejected": bad}
