@@ -3,14 +3,19 @@
 The receiver takes room for this in the memory for bodies in flight (body_slots.py) before the
 body holds more, so that `max_body_size x bodies_in_flight` bounds it. The figures are upper
 bounds of what was measured (peak RSS of the receiver over the body's size, `flespi-receiver
-bench --memory-shapes` and tests/test_body_memory.py), with a margin for the allocator.
+bench --memory-shapes`, tests/test_connections.py, tests/test_resent.py), with a margin for
+the allocator.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flespi_receiver.body import BodyReader
+from flespi_receiver.fields import MessageFields
 from flespi_receiver.large_element import LARGE_ELEMENT
+from flespi_receiver.messages import Message, Rejected, judged_large_apart
+from flespi_receiver.splitter import ElementSplitter
 
 # every body: the next piece of data (taken before room for it is asked), the decompressor's
 # window, a chunk of rows
@@ -36,6 +41,24 @@ class Split:
 
     elements: int = 0
     size: int = 0
+
+    async def piece(
+        self,
+        body: BodyReader,
+        splitter: ElementSplitter,
+        data: bytes,
+        devices: int,
+        fields: MessageFields,
+    ) -> list[bytes | Message | Rejected]:
+        """The elements `data` (the body's latest piece) completes, once the body holds room
+        for what it will hold with it (`streamed`; `devices` in its fold), counted here.
+        Raises BodyTooBusy when there was no room."""
+        pending = splitter.pending + len(data)  # at most, once the piece is in
+        await body.need(streamed(body.size, pending, self, devices))
+        elements = await judged_large_apart(splitter.feed(data), fields)
+        self.elements += len(elements)
+        self.size += len(data)
+        return elements
 
     def estimated_elements(self, body_size: int) -> int:
         """The elements of a body of `body_size` bytes, at the rate seen so far."""

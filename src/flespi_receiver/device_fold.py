@@ -169,6 +169,11 @@ class DeviceFold:
         return self.count > 0
 
     @property
+    def held_devices(self) -> int:
+        """Devices the fold holds an entry for (0 once PostgreSQL folds the batch)."""
+        return len(self.latest) + len(self.every)
+
+    @property
     def devices(self) -> bool:
         """Whether the batch has a device whose state it keeps."""
         return bool(self.latest or self.every) or self.in_database

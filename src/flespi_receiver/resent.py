@@ -144,12 +144,7 @@ async def store_in_windows(
             # a deferred constraint refuses its own message, not the COMMIT (as in store.py)
             await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
             async for data in body.chunks():
-                devices = len(fold.latest) + len(fold.every)
-                pending = splitter.pending + len(data)
-                await body.need(body_cost.streamed(body.size, pending, split, devices))
-                elements = await judged_large_apart(splitter.feed(data), fields)
-                split.elements += len(elements)
-                split.size += len(data)
+                elements = await split.piece(body, splitter, data, fold.held_devices, fields)
                 async for part in in_turns(elements):
                     await windows.add(exact_messages(part, fields, rejected))
             large = splitter.pending > _THREADED_SPLIT

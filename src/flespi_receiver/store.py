@@ -373,12 +373,7 @@ async def _streamed_rows(
     field = stream_field(stream)
     yield HEADER
     async for data in body.chunks():
-        devices = len(fold.latest) + len(fold.every)
-        pending = splitter.pending + len(data)  # at most, once the piece is in
-        await body.need(body_cost.streamed(body.size, pending, split, devices))
-        elements = await judged_large_apart(splitter.feed(data), fields)
-        split.elements += len(elements)
-        split.size += len(data)
+        elements = await split.piece(body, splitter, data, fold.held_devices, fields)
         async for part in in_turns(elements):
             for chunk in row_chunks(field, exact_messages(part, fields, rejected), fold, distinct):
                 yield chunk
