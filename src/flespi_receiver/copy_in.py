@@ -69,6 +69,13 @@ def insert_record(stream: str, message: Message) -> tuple[Any, ...]:
     )
 
 
+async def insert_skipping_conflicts(conn: Connection, records: list[tuple[Any, ...]]) -> list[int]:
+    """One statement; atomic on its own, or part of the caller's transaction. The ids stored."""
+    stream = records[0][0]
+    arrays = [list(column) for column in zip(*records, strict=True)][1:]
+    return [row[0] for row in await conn.fetch(INSERT_MESSAGES, stream, *arrays)]
+
+
 async def copy_rows(
     conn: Connection, copy_data: AsyncIterator[bytes | memoryview], limit: float | None = None
 ) -> int:

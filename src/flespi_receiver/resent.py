@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import Any
 
 import asyncpg
 
@@ -25,12 +24,12 @@ from flespi_receiver import body_cost
 from flespi_receiver.body import BodyReader
 from flespi_receiver.copy_format import copy_chunks
 from flespi_receiver.copy_in import (
-    INSERT_MESSAGES,
     Connection,
     as_async,
     copy_rows,
     existing,
     insert_record,
+    insert_skipping_conflicts,
     unless_careful,
 )
 from flespi_receiver.device_state import BatchEffects, DeviceFold, Stored, finishing_statement
@@ -102,23 +101,16 @@ class _Windows:
         for message in fresh:
             try:
                 async with self.conn.transaction():
-                    row = await self.conn.fetchrow(
-                        INSERT_MESSAGES,
-                        *_one_row(insert_record(self.stream, message)),
-                    )
+                    record = insert_record(self.stream, message)
+                    ids = await insert_skipping_conflicts(self.conn, [record])
             except asyncpg.PostgresError as exc:
                 if state_kind(exc) is not None:
                     raise
                 self.refused.append((message, exc))
                 continue
-            if row is not None:  # else another receiver stored it meanwhile
+            if ids:  # else another receiver stored it meanwhile
                 self.stored += 1
                 self.fold.add(message, message.columns, message.identity)
-
-
-def _one_row(record: tuple[Any, ...]) -> list[Any]:
-    """INSERT_MESSAGES' arguments for one record: the stream, then each column as an array."""
-    return [record[0], *([value] for value in record[1:])]
 
 
 async def store_in_windows(

@@ -31,6 +31,7 @@ from flespi_receiver.copy_in import (
     ended_on_body_error,
     existing,
     insert_record,
+    insert_skipping_conflicts,
     unless_careful,
 )
 from flespi_receiver.device_state import (
@@ -418,20 +419,13 @@ async def _store_messages(
 
     async def insert() -> list[int]:
         async with conn.transaction():
-            return await _insert_skipping_conflicts(conn, records)
+            return await insert_skipping_conflicts(conn, records)
 
     ids = await unless_careful(insert())
     if ids is None:
         settled = [m for i, m in by_identity.items() if i in stored_before]
         ids = await _insert_one_by_one(conn, stream, records, fresh, rejected, settled)
     return Stored(len(ids), min(ids), max(ids)) if ids else None
-
-
-async def _insert_skipping_conflicts(conn: Connection, records: list[tuple[Any, ...]]) -> list[int]:
-    """One statement; atomic on its own, or part of the caller's transaction. The ids stored."""
-    stream = records[0][0]
-    arrays = [list(column) for column in zip(*records, strict=True)][1:]
-    return [row[0] for row in await conn.fetch(INSERT_MESSAGES, stream, *arrays)]
 
 
 async def _insert_one_by_one(
@@ -457,7 +451,7 @@ async def _insert_one_by_one(
     for record, (_, message) in zip(records, fresh, strict=True):
         try:
             async with conn.transaction():
-                stored += await _insert_skipping_conflicts(conn, [record])
+                stored += await insert_skipping_conflicts(conn, [record])
             succeeded += 1
         except asyncpg.PostgresError as exc:
             if state_kind(exc) is not None:
@@ -488,7 +482,7 @@ async def _still_insertable(conn: Connection, stream: str, message: Message) -> 
     probe = conn.transaction()
     await probe.start()
     try:
-        await _insert_skipping_conflicts(conn, [probe_record])
+        await insert_skipping_conflicts(conn, [probe_record])
     except asyncpg.PostgresError as exc:
         if state_kind(exc) is not None:
             raise
