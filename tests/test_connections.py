@@ -247,42 +247,101 @@ async def test_headers_slower_than_the_time_limit_get_408_and_the_connection_clo
         silent.close()
 
 
+def batch_request(body: bytes = BODY, token: str = TOKEN) -> bytes:
+    return (
+        b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: " + token.encode() + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+
+
 async def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(
     tmp_path: Path, database_url: str
 ) -> None:
     async with serving(tmp_path, database_url, "keepalive_timeout = 1") as served:
         raw = served.connect()
-        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        first = raw.recv(65536)
+        raw.sendall(batch_request())
+        first = await asyncio.to_thread(read_until_reply, raw)
         assert status_of(first) == 200
+        assert b"Connection: close" not in first  # a stream's sender keeps its connection
         started = time.monotonic()
         assert await asyncio.to_thread(raw.recv, 65536) == b""  # closed by the receiver
-        assert time.monotonic() - started < 3
+        assert 0.9 < time.monotonic() - started < 3
         raw.close()
 
 
-async def test_many_unfinished_headers_hold_a_few_kilobytes_each(
+async def test_only_a_stream_sender_keeps_its_connection_after_a_reply(
     tmp_path: Path, database_url: str
 ) -> None:
-    connections = 200
+    async with serving(tmp_path, database_url) as served:
+        # two batches on one connection: kept alive between them
+        raw = served.connect()
+        raw.sendall(batch_request())
+        assert status_of(await asyncio.to_thread(read_until_reply, raw)) == 200
+        raw.sendall(batch_request(orjson.dumps([flespi_message(2)])))
+        assert status_of(await asyncio.to_thread(read_until_reply, raw)) == 200
+        raw.close()
+        # anything else is answered and the connection closes, a next request unanswered
+        for request, status in (
+            (batch_request(token="Bearer wrong"), 401),
+            (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+            (b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+            (b"GET /flespi HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        ):
+            raw = served.connect()
+            raw.sendall(request + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            replies = await asyncio.to_thread(read_reply, raw)  # until the receiver closes
+            raw.close()
+            assert status_of(replies) == status, replies
+            assert b"Connection: close" in replies
+            assert replies.count(b"HTTP/1.1 ") == 1, replies
+
+
+def raise_file_limit(wanted: int) -> None:
+    """This process's soft limit of open files, up to its hard limit; skip when too low."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < limit:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    if limit < wanted:
+        pytest.skip(f"{wanted} open files needed, the hard limit is {hard}")
+
+
+@pytest.mark.parametrize(
+    ("lines", "length"),
+    [(60, 20), (7, 1000)],
+    ids=["many-short-lines", "long-lines-near-the-limit"],
+)
+async def test_many_unfinished_headers_hold_a_few_kilobytes_each(
+    tmp_path: Path, database_url: str, lines: int, length: int
+) -> None:
+    # a connection without credentials that never finishes its headers holds what it sent
+    # and about 2 KiB; aiohttp's parser held 6 KiB and 430 bytes a line, whatever the line
+    connections = 1000
+    raise_file_limit(connections + 200)
     async with serving(tmp_path, database_url, "header_timeout = 30") as served:
         before = served.memory_kib()
         held = []
+        sent = 0
         for i in range(connections):
             raw = served.connect()
-            # just under the default 16 KB budget, and never finished
-            raw.sendall(b"POST /flespi HTTP/1.1\r\nHost: x\r\n")
-            for line in range(15):
-                raw.sendall(f"X-Filler-{i}-{line}: {'b' * 1000}\r\n".encode())
+            head = b"POST /flespi HTTP/1.1\r\nHost: x\r\n" + b"".join(
+                f"X-F{i}-{line}: ".encode().ljust(length, b"b") + b"\r\n"
+                for line in range(lines)
+            )
+            raw.sendall(head)
+            sent += len(head)
             held.append(raw)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1)
         grown = served.memory_kib() - before
         assert served.process.poll() is None
         # the stream still gets through while they hang
         assert await store_one(served) == 200
         for raw in held:
             raw.close()
-    assert grown / connections < 64, f"{grown} KiB for {connections} connections"
+    each, sent_each = grown / connections, sent / connections / 1024
+    assert each < 4 + 1.25 * sent_each, f"{each:.1f} KiB a connection for {sent_each:.1f} KiB"
 
 
 async def test_no_version_banner_in_any_reply(tmp_path: Path, database_url: str) -> None:

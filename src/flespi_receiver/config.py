@@ -69,7 +69,7 @@ class ServerSettings(_Section):
     # bodies received or stored at the same time; more wait (acquire_timeout, then 503)
     bodies_in_flight: int = Field(4, ge=1, le=1000)
     # request line plus headers: at most this many bytes (431), within this many seconds (408)
-    max_header_size: int = Field(16384, ge=2048, le=1048576)
+    max_header_size: int = Field(8192, ge=2048, le=1048576)
     header_timeout: float = Field(10.0, gt=0)
     # an idle kept-alive connection is closed after this many seconds
     keepalive_timeout: float = Field(75.0, gt=0)

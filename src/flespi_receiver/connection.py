@@ -17,7 +17,6 @@ after the reply. The runner built here closes all of those doors:
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -29,11 +28,9 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from flespi_receiver.header_gate import SERVER_NAME, HeaderGate, raw_reply, record_refusal
 from flespi_receiver.metrics import Metrics
-from flespi_receiver.reply_log import record_reply
-from flespi_receiver.state import METRICS
-
-SERVER_NAME = "flespi-receiver"
+from flespi_receiver.state import METRICS, SENDER
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,15 +39,6 @@ class HeaderLimits:
 
     max_size: int
     timeout: float
-
-
-def _raw_reply(status: int, reason: str, error: str, rid: str) -> bytes:
-    body = orjson.dumps({"error": error})
-    return (
-        f"HTTP/1.1 {status} {reason}\r\nServer: {SERVER_NAME}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        f"X-Request-Id: {rid}\r\n\r\n"
-    ).encode() + body
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -224,16 +212,7 @@ class GuardedRequestHandler(RequestHandler):
 
     def _record(self, status: int, reason: str) -> str:
         """One `batch` line and one count for a reply made here; returns its request id."""
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        rid = uuid.uuid4().hex[:16]
-        record_reply(
-            self._metrics,
-            status,
-            reason=reason,
-            request_id=rid,
-            client=peer[0] if isinstance(peer, tuple) else None,
-        )
-        return rid
+        return record_refusal(self._metrics, self.transport, status, reason)
 
     def _arm_header_timer(self) -> None:
         self._header_timer = self._loop.call_later(
@@ -259,7 +238,7 @@ class GuardedRequestHandler(RequestHandler):
         self._awaiting_headers = False
         if self.transport is not None:
             rid = self._record(status, error)
-            self.transport.write(_raw_reply(status, reason, error, rid))
+            self.transport.write(raw_reply(status, reason, error, rid))
         self.force_close()  # the transport sends what was written, then closes
 
 
@@ -291,7 +270,29 @@ class GuardedServer(web.Server):
         self._header_limits = header_limits
         self._metrics = metrics
 
-    def __call__(self) -> RequestHandler:
+        self._gates: set[HeaderGate] = set()
+
+    def __call__(self) -> HeaderGate:  # type: ignore[override]  # a gate, then a handler
+        """A new connection: a `HeaderGate` until its headers are complete."""
+        return HeaderGate(
+            self._handler,
+            self._gates,
+            max_size=self._header_limits.max_size,
+            timeout=self._header_limits.timeout,
+            metrics=self._metrics,
+        )
+
+    def pre_shutdown(self) -> None:
+        for gate in list(self._gates):
+            gate.close()
+        super().pre_shutdown()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109  # aiohttp's
+        for gate in list(self._gates):
+            gate.close()
+        await super().shutdown(timeout)
+
+    def _handler(self) -> RequestHandler:
         return GuardedRequestHandler(
             self,
             loop=self._loop,
@@ -332,8 +333,12 @@ class ReceiverRunner(web.AppRunner):
 
 async def reply_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: `Server` without versions; `Connection: close` when the body was
-    not read (the connection closes, so the client should not wait to reuse it)."""
+    not read (the connection closes, so the client should not wait to reuse it), and after
+    every request that did not carry a stream's credentials: only a stream's sender keeps a
+    connection open between requests (a stranger's idle connection would hold a request
+    handler)."""
     response.headers["Server"] = SERVER_NAME
-    if request.body_exists and not request.content.at_eof():
+    unread = request.body_exists and not request.content.at_eof()
+    if unread or SENDER not in request:
         response.force_close()
         response.headers["Connection"] = "close"  # the hook runs after aiohttp wrote its own

@@ -21,7 +21,7 @@ from flespi_receiver.config import StreamSettings
 from flespi_receiver.device_state import DEFAULT_EFFECTS, BatchEffects
 from flespi_receiver.errors import (
     BatchRejected,
-    BodyIncomplete,
+    BodyError,
     BodyTimeout,
     BodyTooBusy,
     BodyTooLarge,
@@ -41,7 +41,7 @@ from flespi_receiver.network import (
 )
 from flespi_receiver.pooled import PoolLimits, store_pooled
 from flespi_receiver.reply_log import reason_of, record_reply
-from flespi_receiver.state import ACCEPTING, DATABASE_HEALTH, IN_FLIGHT, POOL
+from flespi_receiver.state import ACCEPTING, DATABASE_HEALTH, IN_FLIGHT, POOL, SENDER
 from flespi_receiver.store import StoreResult
 
 log = structlog.get_logger("flespi_receiver.ingest")
@@ -220,6 +220,7 @@ class StreamEndpoint:
                 return reply, None, 0
             self.access.limiter.failed(key)
             return error_response(401, "missing or wrong Authorization header"), None, 0
+        request[SENDER] = stream.name
         coding = content_coding(request.headers.get("Content-Encoding"))
         refusal = self._refuse_headers(request, coding)
         if refusal is not None or coding is None:
@@ -302,24 +303,24 @@ class StreamEndpoint:
                 large = not await reader.read_some(STREAMED_BODY + 1)
             body = reader if large else await reader.read_all()
             response, result = await self._store(request, stream, body, bound)
-        except BodyTimeout as exc:
-            drop_frames(exc)
-            reply = error_response(
+        except BodyError as exc:
+            drop_frames(exc)  # its traceback would keep the body's chunks alive
+            return _broken(self._body_refused(exc)), None, reader.received
+        return response, result, reader.received
+
+    def _body_refused(self, exc: BodyError) -> web.Response:
+        """The reply to a body that could not be received whole; nothing of it was stored."""
+        limits = self.limits
+        if isinstance(exc, BodyTimeout):
+            return error_response(
                 408,
                 f"body not received within server.body_timeout ({limits.body_timeout}s) or "
                 f"slower than server.min_body_rate ({limits.min_body_rate} bytes/s)",
             )
-            return _broken(reply), None, reader.received
-        except BodyTooLarge as exc:
-            drop_frames(exc)
-            return _broken(self._too_large()), None, reader.received
-        except BodyIncomplete as exc:
-            drop_frames(exc)
-            reply = error_response(400, f"body incomplete or undecodable: {exc}")
-            return _broken(reply), None, reader.received
-        except BodyTooBusy as exc:
-            drop_frames(exc)
-            reply = error_response(
+        if isinstance(exc, BodyTooLarge):
+            return self._too_large()
+        if isinstance(exc, BodyTooBusy):
+            return error_response(
                 503,
                 "the body needs more memory than one body in flight and there was no room for "
                 "it (server.bodies_in_flight slots of server.max_body_size bytes; a large "
@@ -327,17 +328,14 @@ class StreamEndpoint:
                 "nothing was stored",
                 **{"Retry-After": "1"},
             )
-            return _broken(reply), None, reader.received
-        except ShutdownTimeout as exc:
-            drop_frames(exc)
-            reply = error_response(
+        if isinstance(exc, ShutdownTimeout):
+            return error_response(
                 503,
                 "receiver is shutting down and the body did not arrive within "
                 "server.shutdown_timeout; nothing was stored",
                 **{"Retry-After": "1"},
             )
-            return _broken(reply), None, reader.received
-        return response, result, reader.received
+        return error_response(400, f"body incomplete or undecodable: {exc}")
 
     def _refuse_headers(self, request: web.Request, coding: str | None) -> web.Response | None:
         transfer = request.headers.get("Transfer-Encoding", "")

@@ -23,6 +23,9 @@ ACCEPTING = web.AppKey("accepting", asyncio.Event)
 # the PostgreSQL schema that holds the receiver's tables
 SCHEMA = web.AppKey("schema", str)
 METRICS = web.AppKey("metrics", Metrics)
+# the stream whose credentials a request carried (or whose addresses it came from, for a
+# stream without credentials): only such a sender's connection is kept alive after the reply
+SENDER = web.RequestKey("sender", str)
 # each stream's endpoint by stream name, for reloading credentials on SIGHUP
 ENDPOINTS = web.AppKey("endpoints", dict[str, "StreamEndpoint"])
 # what the last batches said about the database, for /readyz

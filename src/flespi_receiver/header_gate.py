@@ -1,0 +1,150 @@
+"""A new connection costs its bytes, not a request handler, until its headers are complete.
+
+aiohttp gives every accepted connection a request handler, an HTTP parser, a task and a timer
+(about 6 KiB), and its parser keeps each header line received as Python objects (about 430
+bytes a line, up to 100 lines), however long the headers take to come. A `HeaderGate` is the
+connection's first protocol instead: it holds what arrives as one `bytearray`, within
+`max_header_size` bytes and `header_timeout` seconds, and hands the connection and those bytes
+to the request handler only once the blank line that ends the headers is there. A sender that
+never finishes its headers costs the gate (about 1 KiB) and the bytes it sent; it gets 431 when
+they pass the limit and 408 when the time is up, and the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+import orjson
+
+from flespi_receiver.metrics import Metrics
+from flespi_receiver.reply_log import record_reply
+
+SERVER_NAME = "flespi-receiver"
+
+# HTTP ends the headers with an empty line (RFC 9112 section 2.1); a bare LF is handed over
+# too, so that the parser answers it (400) rather than the clock
+_ENDS = (b"\r\n\r\n", b"\n\n", b"\n\r\n")
+
+
+def raw_reply(status: int, reason: str, error: str, rid: str) -> bytes:
+    """A complete HTTP/1.1 reply with a JSON `{"error": ...}` body, closing the connection."""
+    body = orjson.dumps({"error": error})
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nServer: {SERVER_NAME}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"X-Request-Id: {rid}\r\n\r\n"
+    ).encode() + body
+
+
+def record_refusal(
+    metrics: Metrics, transport: asyncio.BaseTransport | None, status: int, error: str
+) -> str:
+    """One `batch` line and one count for a reply made outside aiohttp; returns its request id."""
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    rid = uuid.uuid4().hex[:16]
+    record_reply(
+        metrics,
+        status,
+        reason=error,
+        request_id=rid,
+        client=peer[0] if isinstance(peer, tuple) else None,
+    )
+    return rid
+
+
+def headers_end(data: bytes | bytearray, start: int = 0) -> int:
+    """Offset just past the blank line ending the headers in `data`, or -1 when not there yet."""
+    found = [(at, len(end)) for end in _ENDS if (at := data.find(end, start)) != -1]
+    if not found:
+        return -1
+    at, size = min(found)
+    return at + size
+
+
+class HeaderGate(asyncio.Protocol):
+    """A connection's protocol until its first request's headers are complete.
+
+    `hand_over` makes the request handler (an `asyncio.Protocol`) that takes the connection
+    and every byte received so far; `gates` is the set of open gates, closed at shutdown.
+    """
+
+    __slots__ = ("_data", "_gates", "_hand_over", "_max_size", "_metrics", "_timer", "_transport")
+
+    def __init__(
+        self,
+        hand_over: Callable[[], asyncio.Protocol],
+        gates: set[HeaderGate],
+        *,
+        max_size: int,
+        timeout: float,
+        metrics: Metrics,
+    ) -> None:
+        self._hand_over = hand_over
+        self._gates = gates
+        self._max_size = max_size
+        self._metrics = metrics
+        self._transport: asyncio.Transport | None = None
+        self._data = bytearray()
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._too_slow, timeout)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._gates.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        seen = len(self._data)
+        self._data += data
+        end = headers_end(self._data, max(0, seen - 3))
+        if end == -1 and len(self._data) <= self._max_size:
+            return
+        if end == -1 or end > self._max_size:
+            self._refuse(
+                431,
+                "Request Header Fields Too Large",
+                f"request headers are larger than {self._max_size} bytes",
+            )
+            return
+        self._open()
+
+    def eof_received(self) -> bool | None:
+        """The client closed its sending side before its headers were complete: nothing to
+        answer; the transport closes."""
+        return None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._timer.cancel()
+        self._gates.discard(self)
+        self._data = bytearray()
+
+    def close(self) -> None:
+        """Close the connection (the receiver is stopping)."""
+        if self._transport is not None:
+            self._transport.close()
+
+    def _open(self) -> None:
+        """The headers are complete: the request handler takes the connection and its bytes."""
+        self._timer.cancel()
+        self._gates.discard(self)
+        transport = self._transport
+        assert transport is not None
+        data, self._data = bytes(self._data), bytearray()
+        handler = self._hand_over()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        handler.data_received(data)
+
+    def _too_slow(self, timeout: float) -> None:
+        self._refuse(408, "Request Timeout", f"request headers not received within {timeout}s")
+
+    def _refuse(self, status: int, reason: str, error: str) -> None:
+        self._timer.cancel()
+        self._data = bytearray()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        rid = record_refusal(self._metrics, transport, status, error)
+        transport.write(raw_reply(status, reason, error, rid))
+        transport.close()  # after what was written is sent
