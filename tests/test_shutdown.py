@@ -108,3 +108,26 @@ async def test_a_body_unfinished_at_shutdown_timeout_gets_503_and_nothing_is_kep
     (batch,) = [e for e in events if e["event"] == "batch"]
     assert batch["status"] == 503
     assert not [e for e in events if e["level"] in ("error", "critical")], events
+
+
+async def test_sigterm_closes_connections_whose_headers_are_unfinished(
+    tmp_path: Path, database_url: str
+) -> None:
+    # a connection still sending its headers holds no request yet: it is closed at once, the
+    # receiver does not wait for its header_timeout (30 s here) to stop
+    port = free_port()
+    config = config_file(tmp_path, database_url, port)
+    config.write_text(config.read_text().replace("[server]\n", "[server]\nheader_timeout = 30\n"))
+    with receiver_process(config) as process:
+        await wait_until_serving(port, process)
+        unfinished = socket.create_connection(("127.0.0.1", port))
+        try:
+            unfinished.sendall(b"POST /flespi HTTP/1.1\r\nHost: x\r\nX-Pad: 1\r\n")
+            await asyncio.sleep(0.3)
+            started = asyncio.get_running_loop().time()
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(process.wait, 20) == 0
+            assert asyncio.get_running_loop().time() - started < 10
+            assert await receive(unfinished) == b""  # closed, nothing was asked
+        finally:
+            unfinished.close()
