@@ -327,8 +327,7 @@ async def test_many_unfinished_headers_hold_a_few_kilobytes_each(
         for i in range(connections):
             raw = served.connect()
             head = b"POST /flespi HTTP/1.1\r\nHost: x\r\n" + b"".join(
-                f"X-F{i}-{line}: ".encode().ljust(length, b"b") + b"\r\n"
-                for line in range(lines)
+                f"X-F{i}-{line}: ".encode().ljust(length, b"b") + b"\r\n" for line in range(lines)
             )
             raw.sendall(head)
             sent += len(head)
