@@ -325,9 +325,33 @@ def mask_url(url: str) -> str:
 
 def secret_values(settings: Settings) -> list[str]:
     """Every secret the settings hold: the streams' authorization values, the database
-    passwords; for `REDACTOR`, which keeps them out of the log."""
+    passwords; for `REDACTOR`, which keeps them out of the log wherever they appear.
+
+    A database password that is part of a name the receiver shows (`names_shown`: the user
+    `flespi` with the password `flespi`) is left out: masking it would mask that name in every
+    line, and the log shows it anyway; `passwords_shown` names it for a warning. It is still
+    masked inside every database URL (`mask_url`)."""
     tokens = [v.get_secret_value() for s in settings.streams for v in s.authorization]
-    return tokens + database_passwords(settings.database.url.get_secret_value())
+    shown = set(passwords_shown(settings))
+    passwords = database_passwords(settings.database.url.get_secret_value())
+    return tokens + [p for p in passwords if p not in shown]
+
+
+def names_shown(settings: Settings) -> list[str]:
+    """What the log and `check-config` show of the settings that is no secret: the database
+    URL without its passwords (user, hosts, database), the schema, the NOTIFY channel, the
+    streams' names and paths."""
+    database = settings.database
+    streams = [part for s in settings.streams for part in (s.name, s.path)]
+    url = mask_url(database.url.get_secret_value())
+    return [url, database.schema_name, database.notify_channel, *streams]
+
+
+def passwords_shown(settings: Settings) -> list[str]:
+    """The database passwords that are part of a name the receiver shows (`names_shown`)."""
+    shown = names_shown(settings)
+    passwords = database_passwords(settings.database.url.get_secret_value())
+    return [p for p in passwords if any(p in name for name in shown)]
 
 
 def masked_view(settings: Settings) -> dict[str, Any]:

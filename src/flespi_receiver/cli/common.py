@@ -9,8 +9,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import asyncpg
+import structlog
 
-from flespi_receiver.config import Settings, config_path, load_settings, secret_values
+from flespi_receiver.config import (
+    Settings,
+    config_path,
+    load_settings,
+    passwords_shown,
+    secret_values,
+)
 from flespi_receiver.database import Database, connect, open_database
 from flespi_receiver.errors import CommandFailed
 from flespi_receiver.log import configure_logging
@@ -20,6 +27,8 @@ if TYPE_CHECKING:
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 else:
     Subcommands = argparse._SubParsersAction
+
+log = structlog.get_logger("flespi_receiver.cli")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -67,6 +76,12 @@ def load(args: argparse.Namespace) -> tuple[Settings, Path]:
     settings = load_settings(path)
     configure_logging(settings.log)
     REDACTOR.add(secret_values(settings))
+    if passwords_shown(settings):
+        log.warning(
+            "the database password is also part of a name the log shows (the database user "
+            "or name, the schema, a stream's path...): it is masked in database URLs only, "
+            "not in other text; choose a password that appears nowhere else"
+        )
     return settings, path
 
 

@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     settings, config = load(args)
     keep_large_blocks_apart()  # the memory for bodies in flight stays what they hold
     with open_database(settings, exclusive=True) as database:
-        REDACTOR.add(database_passwords(database.url))  # the embedded server's too
+        if database.embedded is not None:  # the configured URL's are known already
+            REDACTOR.add(database_passwords(database.url))
         asyncio.run(serve(settings, database, config))
     return EXIT_OK
