@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import ssl
+import subprocess
+import time
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from helpers import (
     count,
     flespi_message,
     log_of,
+    memory_kib,
     receiver_process,
     wait_until_serving,
 )
@@ -182,42 +186,89 @@ async def test_failure_limit_behind_a_proxy_counts_each_client_and_ipv6_per_64(
     assert (await client.post("/flespi", data=BODY, headers=right)).status == 200
 
 
-async def test_https_with_a_certificate_made_for_the_test(
-    tmp_path: Path, database_url: str, db: asyncpg.Connection
-) -> None:
+def https_config(
+    tmp_path: Path, database_url: str, port: int, server: str = ""
+) -> tuple[Path, ssl.SSLContext]:
+    """A configuration serving HTTPS with a certificate made for the test (`server`: more
+    [server] lines), and a client context that trusts it."""
     authority = trustme.CA()
     certificate = authority.issue_cert("127.0.0.1")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     certificate.private_key_pem.write_to_path(str(key))
     certificate.cert_chain_pems[0].write_to_path(str(cert))
-    port = free_port()
     config = config_file(tmp_path, database_url, port)
     config.write_text(
         config.read_text().replace(
-            "[server]\n", f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+            "[server]\n", f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n{server}'
         )
     )
     client_context = ssl.create_default_context()
     authority.configure_trust(client_context)
+    return config, client_context
+
+
+async def post_over_tls(
+    port: int, context: ssl.SSLContext, process: subprocess.Popen[bytes]
+) -> int:
+    """The status of one batch posted over HTTPS, once the receiver listens."""
+    connector = aiohttp.TCPConnector(ssl=context)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(200):
+            try:
+                async with session.post(
+                    f"https://127.0.0.1:{port}/flespi", data=BODY, headers=AUTH
+                ) as reply:
+                    return reply.status
+            except aiohttp.ClientConnectorError:
+                assert process.poll() is None
+                await asyncio.sleep(0.05)
+    raise AssertionError("receiver did not answer over TLS")
+
+
+async def test_https_with_a_certificate_made_for_the_test(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    port = free_port()
+    config, client_context = https_config(tmp_path, database_url, port)
     with receiver_process(config) as process:
-        connector = aiohttp.TCPConnector(ssl=client_context)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            for _ in range(200):
-                try:
-                    async with session.post(
-                        f"https://127.0.0.1:{port}/flespi", data=BODY, headers=AUTH
-                    ) as reply:
-                        assert reply.status == 200
-                        break
-                except aiohttp.ClientConnectorError:
-                    assert process.poll() is None
-                    await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("receiver did not answer over TLS")
+        assert await post_over_tls(port, client_context, process) == 200
         async with aiohttp.ClientSession() as plain:
             with pytest.raises(aiohttp.ClientError):
                 await plain.post(f"http://127.0.0.1:{port}/flespi", data=BODY, headers=AUTH)
     assert await count(db) == 1
+
+
+def closed_by_receiver(raw: socket.socket) -> bool:
+    raw.settimeout(10)
+    try:
+        return raw.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_idle_connections_to_the_tls_port_hold_little_and_close_after_header_timeout(
+    tmp_path: Path, database_url: str
+) -> None:
+    # asyncio gave each accepted TLS connection a 256 KiB buffer at once and waited 60 s for
+    # its handshake: about 300 KiB a stranger's idle connection, for a minute
+    port = free_port()
+    config, client_context = https_config(tmp_path, database_url, port, "header_timeout = 1\n")
+    connections = 300
+    with receiver_process(config) as process:
+        assert await post_over_tls(port, client_context, process) == 200
+        before = memory_kib(process.pid)
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
+        await asyncio.sleep(0.5)
+        grown = memory_kib(process.pid) - before
+        started = time.monotonic()
+        closed = await asyncio.to_thread(lambda: all(closed_by_receiver(raw) for raw in held))
+        waited = time.monotonic() - started
+        for raw in held:
+            raw.close()
+        assert process.poll() is None
+    assert closed
+    assert waited < 5, f"closed {waited:.1f} s after, header_timeout is 1 s"
+    assert grown / connections < 128, f"{grown / connections:.0f} KiB a connection"
 
 
 async def test_sighup_rotates_credentials_under_load_without_failing_a_request(

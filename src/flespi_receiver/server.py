@@ -13,7 +13,6 @@ from aiohttp import web
 
 from flespi_receiver.app import create_app, create_metrics_app
 from flespi_receiver.config import (
-    ServerSettings,
     Settings,
     load_settings,
     mask_url,
@@ -24,6 +23,7 @@ from flespi_receiver.connection import HeaderLimits, ReceiverRunner
 from flespi_receiver.errors import ConfigError
 from flespi_receiver.redact import REDACTOR
 from flespi_receiver.state import ACCEPTING, ENDPOINTS, IN_FLIGHT, METRICS
+from flespi_receiver.tls import ReceiverSite, tls_context
 
 log = structlog.get_logger("flespi_receiver.server")
 
@@ -45,15 +45,6 @@ def raise_file_limit() -> int:
         except (ValueError, OSError):  # an unlimited hard limit some kernels refuse as soft
             pass
     return soft
-
-
-def tls_context(server: ServerSettings) -> ssl.SSLContext | None:
-    if server.tls_cert is None or server.tls_key is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(server.tls_cert, server.tls_key)
-    return context
 
 
 def _validated(config: Path, current: Settings, context: ssl.SSLContext | None) -> Settings:
@@ -139,8 +130,12 @@ async def serve_app(settings: Settings, dsn: str, config: Path) -> None:
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     try:
         await runners[0].setup()
-        site = web.TCPSite(
-            runners[0], settings.server.host, settings.server.port, ssl_context=context
+        site = ReceiverSite(
+            runners[0],
+            settings.server.host,
+            settings.server.port,
+            handshake=settings.server.header_timeout,
+            ssl_context=context,
         )
         await site.start()
         if settings.metrics.enabled and settings.metrics.port:
