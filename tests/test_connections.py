@@ -280,6 +280,20 @@ async def test_only_a_stream_sender_keeps_its_connection_after_a_reply(
         raw.sendall(batch_request(orjson.dumps([flespi_message(2)])))
         assert status_of(await asyncio.to_thread(read_until_reply, raw)) == 200
         raw.close()
+        # a chunked batch is stored, and the reply says the connection closes (it does)
+        raw = served.connect()
+        body = orjson.dumps([flespi_message(3)])
+        raw.sendall(
+            b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: " + TOKEN.encode() + b"\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + f"{len(body):x}\r\n".encode()
+            + body
+            + b"\r\n0\r\n\r\n"
+        )
+        reply = await asyncio.to_thread(read_reply, raw)  # until the receiver closes
+        raw.close()
+        assert status_of(reply) == 200
+        assert b"Connection: close" in reply
         # anything else is answered and the connection closes, a next request unanswered
         for request, status in (
             (batch_request(token="Bearer wrong"), 401),

@@ -333,12 +333,15 @@ class ReceiverRunner(web.AppRunner):
 
 async def reply_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: `Server` without versions; `Connection: close` when the body was
-    not read (the connection closes, so the client should not wait to reuse it), and after
-    every request that did not carry a stream's credentials: only a stream's sender keeps a
-    connection open between requests (a stranger's idle connection would hold a request
-    handler)."""
+    not read or was chunked (the connection closes, so the client should not wait to reuse
+    it), and after every request that did not carry a stream's credentials: only a stream's
+    sender keeps a connection open between requests (a stranger's idle connection would hold
+    a request handler)."""
     response.headers["Server"] = SERVER_NAME
     unread = request.body_exists and not request.content.at_eof()
-    if unread or SENDER not in request:
+    # after a chunked body the next request's bytes can't be told from the body's on the
+    # wire, so its header budget could not be counted: the connection closes (_next_request)
+    chunked = request.body_exists and request.content_length is None
+    if unread or chunked or SENDER not in request:
         response.force_close()
         response.headers["Connection"] = "close"  # the hook runs after aiohttp wrote its own
