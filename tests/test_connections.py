@@ -558,6 +558,44 @@ async def test_a_body_that_grows_never_takes_the_slot_of_another_stream(
     assert any(e["event"].startswith("body needs more memory than one stream") for e in events)
 
 
+async def test_growing_bodies_of_one_stream_never_take_the_slot_of_another_stream(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    # two bodies of `main`, each holding a large message (about two slots of 1 MiB each):
+    # counted by bodies, they took all three slots between them and `other` waited for its
+    # one (503); counted by slots, `main` holds at most two of them
+    other = '[[streams]]\nname = "other"\npath = "/other"\nauthorization = ["Bearer other-1"]\n'
+    server = f"bodies_in_flight = 3\nmax_body_size = {1024 * 1024}"
+    large = [orjson.dumps([{"ident": f"big{i}", "blob": "x" * 450_000}]) for i in range(2)]
+    async with serving(tmp_path, database_url, server, acquire_timeout=5, streams=other) as served:
+        slow = []
+        for body in large:
+            raw = served.connect()
+            raw.sendall(
+                b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: " + TOKEN.encode() + b"\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:-10]
+            )
+            slow.append(raw)
+        await asyncio.sleep(0.5)  # the large messages are held, their bodies have grown
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{served.port}/other"
+            headers = {"Authorization": "Bearer other-1"}
+            started = time.monotonic()
+            async with session.post(url, data=BODY, headers=headers) as reply:
+                assert reply.status == 200
+            assert time.monotonic() - started < 2  # not after acquire_timeout
+        statuses = []
+        for raw, body in zip(slow, large, strict=True):
+            with contextlib.suppress(OSError):  # refused already: the connection is closed
+                raw.sendall(body[-10:])
+            statuses.append(status_of(await asyncio.to_thread(read_until_reply, raw)))
+            raw.close()
+    # both fit in `main`'s two slots only one after the other: when each waits for the
+    # other's slot, the last to ask is told 503 (sent again, it is stored)
+    assert sorted(statuses) in ([200, 200], [200, 503]), statuses
+    assert await count(db) == 1 + statuses.count(200)
+
+
 async def test_a_sender_that_bursts_then_stops_gets_408_without_holding_the_pool_long(
     tmp_path: Path, database_url: str, db: asyncpg.Connection
 ) -> None:

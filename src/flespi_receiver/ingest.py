@@ -134,8 +134,9 @@ class StreamEndpoint:
         self.effects = effects
         self.access = access
         self.metrics = metrics
-        # this stream's share of the bodies in flight: every other stream keeps one slot
-        self.stream_bodies = asyncio.Semaphore(limits.bodies_per_stream)
+        # this stream's share of the slots for bodies in flight, however many bodies hold
+        # them: every other stream keeps one slot
+        self.stream_slots = BodySlots(limits.bodies_per_stream)
         self.reload(stream)
 
     def reload(self, stream: StreamSettings) -> None:
@@ -231,16 +232,13 @@ class StreamEndpoint:
         # bodies are held in memory while they arrive and are stored: bound that memory, and
         # how many bodies one stream may have (a leaked token must not stall the other streams)
         timeout = self.pool_limits.acquire_timeout
-        slots = self.limits.body_slots
-        try:
-            async with asyncio.timeout(timeout):
-                await self.stream_bodies.acquire()
-        except TimeoutError:
-            return self._busy(), None, 0
-        holding = Holding()
+        slots, stream_slots = self.limits.body_slots, self.stream_slots
+        # the body's slots in the stream's share, and the same in the whole
+        holding, in_stream = Holding(), Holding()
         try:
             try:
                 async with asyncio.timeout(timeout):
+                    await stream_slots.take(in_stream, 1)
                     await slots.take(holding, 1)
             except TimeoutError:
                 return self._busy(), None, 0
@@ -265,6 +263,7 @@ class StreamEndpoint:
                     wanted = most
                 try:
                     async with asyncio.timeout(timeout):
+                        await stream_slots.take(in_stream, wanted)
                         await slots.take(holding, wanted)
                 except TimeoutError:
                     raise BodyTooBusy from None
@@ -272,7 +271,7 @@ class StreamEndpoint:
             return await self._receive_and_store(request, stream, coding, bound, make_room)
         finally:
             slots.release(holding)
-            self.stream_bodies.release()
+            stream_slots.release(in_stream)
 
     async def _receive_and_store(
         self,
