@@ -648,3 +648,39 @@ async def test_one_stream_cannot_take_the_other_streams_bodies_in_flight(
             raw.sendall(body[10:])
             assert status_of(await asyncio.to_thread(read_until_reply, raw)) == 200
             raw.close()
+
+
+async def test_a_sender_refused_mid_upload_gets_its_reply_not_a_reset(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    # one slot, held by a body still arriving: a second body, sent whole before its reply is
+    # read (as most HTTP clients do), waits acquire_timeout and is told 503. Closing with its
+    # bytes still arriving reset the connection, and the reply was lost with it
+    server = f"bodies_in_flight = 1\nmax_body_size = {8 * 1024 * 1024}"
+    held = orjson.dumps([flespi_message(i) for i in range(200)])
+    large = orjson.dumps([{**flespi_message(1000 + i), "pad": "p" * 1000} for i in range(4000)])
+    async with serving(tmp_path, database_url, server, acquire_timeout=1) as served:
+        slow = served.connect()
+        slow.sendall(
+            b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: " + TOKEN.encode() + b"\r\n"
+            b"Content-Length: " + str(len(held)).encode() + b"\r\n\r\n" + held[:-10]
+        )
+        await asyncio.sleep(0.3)
+
+        def send_whole_then_read() -> bytes:
+            raw = served.connect()
+            try:
+                raw.sendall(batch_request(large))
+                return read_reply(raw)
+            finally:
+                raw.close()
+
+        replies = await asyncio.gather(*(asyncio.to_thread(send_whole_then_read) for _ in range(3)))
+        slow.sendall(held[-10:])
+        assert status_of(await asyncio.to_thread(read_until_reply, slow)) == 200
+        slow.close()
+    for reply in replies:
+        assert status_of(reply) == 503, reply[:200]
+        assert b"Retry-After: " in reply
+        assert b"Connection: close" in reply
+    assert await count(db) == 200

@@ -19,6 +19,7 @@ from flespi_receiver.body import BodyReader, content_coding
 from flespi_receiver.body_slots import BodySlots, Holding
 from flespi_receiver.config import StreamSettings
 from flespi_receiver.device_state import DEFAULT_EFFECTS, BatchEffects
+from flespi_receiver.drain import reply_then_drain
 from flespi_receiver.errors import (
     BatchRejected,
     BodyError,
@@ -190,6 +191,9 @@ class StreamEndpoint:
             client=str(client),
         )
         response.headers["X-Request-Id"] = rid
+        if SENDER in request and not request.content.is_eof():
+            # a sender's reply before its body's end: delivered, not lost in a reset
+            await reply_then_drain(request, response, self.limits.max_body_size)
         return response
 
     async def _answer(
