@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -145,6 +147,32 @@ async def test_replies_outside_a_stream_are_one_batch_line_and_one_count(
     for status, times in ((400, 1), (404, 2), (405, 1)):
         assert f'flespi_receiver_requests_total{{status="{status}",stream=""}} {times}.0' in metrics
     assert 'flespi_receiver_requests_total{status="431",stream=""} 5.0' in metrics
+
+
+async def test_replies_outside_a_stream_are_counted_all_but_logged_at_most_60_a_minute(
+    tmp_path: Path, database_url: str
+) -> None:
+    # anyone can send 404s: each is counted, but a scanner's thousands don't fill the disk
+    port = free_port()
+    config = config_file(tmp_path, database_url, port)
+    sent = 150
+    with receiver_process(config) as process:
+        await wait_until_serving(port, process)
+
+        def scan() -> None:
+            for i in range(sent):
+                with contextlib.suppress(urllib.error.HTTPError):
+                    http_get(port, f"/scan-{i}-" + "A" * 2000)
+
+        await asyncio.to_thread(scan)
+        metrics = await asyncio.to_thread(http_get, port, "/metrics")
+        process.terminate()
+        assert process.wait(20) == 0
+    lines = [e for e in log_events(config) if e["event"] == "batch"]
+    assert f'flespi_receiver_requests_total{{status="404",stream=""}} {sent}.0' in metrics
+    # 60 in a minute; a minute that began during the scan may add up to 60 more
+    assert 60 <= len(lines) <= 120 < sent, len(lines)
+    assert all(e["status"] == 404 and e["level"] == "warning" for e in lines)
 
 
 def http_get(port: int, path: str) -> str:
