@@ -135,8 +135,11 @@ def test_a_password_that_is_also_a_name_is_masked_in_urls_and_named_in_a_warning
     assert shown["database"]["schema"] == "flespi"
     assert shown["streams"][0]["path"] == "/flespi"
     assert SHOWN_PASSWORD in done.stderr
-    # a password found in no name is masked wherever it appears, without a warning
-    done = check_config(tmp_path, READABLE["userinfo"])
+    # a password found in no name is masked wherever it appears, without a warning, also
+    # where the URL repeats it in a parameter that is no password
+    again = f"{READABLE['userinfo']}?application_name={SECRET}&options=-c%20x%3D{SECRET}"
+    done = check_config(tmp_path, again)
+    assert done.returncode == 0, done.stderr
     assert SHOWN_PASSWORD not in done.stderr
     assert not leaks(done.stdout + done.stderr)
 

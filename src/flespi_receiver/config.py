@@ -8,6 +8,7 @@ import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote
 
 from pydantic import (
     AfterValidator,
@@ -338,13 +339,16 @@ def secret_values(settings: Settings) -> list[str]:
 
 
 def names_shown(settings: Settings) -> list[str]:
-    """What the log and `check-config` show of the settings that is no secret: the database
-    URL without its passwords (user, hosts, database), the schema, the NOTIFY channel, the
-    streams' names and paths."""
+    """Names the log and `check-config` show that are no secret: the database URL's user,
+    hosts and database, the schema, the NOTIFY channel, the streams' names and paths."""
     database = settings.database
     streams = [part for s in settings.streams for part in (s.name, s.path)]
-    url = mask_url(database.url.get_secret_value())
-    return [url, database.schema_name, database.notify_channel, *streams]
+    try:
+        url = parse_database_url(database.url.get_secret_value())
+        names = [unquote(url.user), url.hosts, unquote(url.path)]
+    except ValueError:  # no URL (the embedded server), or one the settings refused
+        names = []
+    return [*names, database.schema_name, database.notify_channel, *streams]
 
 
 def passwords_shown(settings: Settings) -> list[str]:

@@ -64,21 +64,22 @@ class SecretRedactor:
             text = f"{text[:MAX_STRING]}... ({len(text) - MAX_STRING} more characters)"
         return _encodable(text)
 
-    def _clean(self, value: Any) -> Any:
+    def clean(self, value: Any) -> Any:
+        """`value` (strings, and dicts, lists, tuples of them) with every secret masked."""
         if isinstance(value, str):
             return self.redact(value)
         if isinstance(value, dict):
-            return {self._clean(k): self._clean(v) for k, v in value.items()}
+            return {self.clean(k): self.clean(v) for k, v in value.items()}
         if isinstance(value, list):
-            return [self._clean(v) for v in value]
+            return [self.clean(v) for v in value]
         if isinstance(value, tuple):
-            return tuple(self._clean(v) for v in value)
+            return tuple(self.clean(v) for v in value)
         return value
 
     def __call__(
         self, logger: Any, method: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
-        cleaned: dict[str, Any] = self._clean(dict(event_dict))
+        cleaned: dict[str, Any] = self.clean(dict(event_dict))
         return cleaned
 
 

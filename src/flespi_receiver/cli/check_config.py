@@ -8,6 +8,7 @@ import orjson
 
 from flespi_receiver.cli.common import EXIT_OK, Subcommands, add_command, load
 from flespi_receiver.config import masked_view
+from flespi_receiver.redact import REDACTOR
 
 
 def register(commands: Subcommands) -> None:
@@ -21,5 +22,8 @@ def register(commands: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings, _ = load(args)
-    print(orjson.dumps(masked_view(settings), option=orjson.OPT_INDENT_2).decode())
+    # masked where the settings hold secrets, and wherever a secret appears again (a password
+    # also written into another parameter of the URL)
+    view = REDACTOR.clean(masked_view(settings))
+    print(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode())
     return EXIT_OK
