@@ -104,7 +104,9 @@ async def test_a_removed_stream_stops_accepting_at_reload(
             assert gone.headers["X-Request-Id"]
             assert gone.headers["Connection"] == "close"
         assert await post(port, "/flespi", AUTH) == 200
+        process.send_signal(signal.SIGHUP)  # a reload that removes nothing more
+        await asyncio.sleep(0.4)
         process.terminate()
         assert process.wait(20) == 0
     reloaded = [e for e in log_events(config) if e["event"] == "configuration reloaded"]
-    assert reloaded[0]["removed_streams"] == ["second"]
+    assert [e["removed_streams"] for e in reloaded] == [["second"], []]

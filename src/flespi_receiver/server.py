@@ -86,7 +86,8 @@ def reload(
     names = {stream.name for stream in new.streams}
     for stream in new.streams:
         endpoints[stream.name].reload(stream)
-    removed = sorted(name for name in endpoints if name not in names)
+    # streams removed by this reload (those removed before stay removed, unnamed)
+    removed = sorted(n for n, e in endpoints.items() if n not in names and not e.removed)
     for name in removed:
         endpoints[name].remove()
     if context is not None and new.server.tls_cert and new.server.tls_key:
