@@ -191,7 +191,7 @@ class StreamEndpoint:
             client=str(client),
         )
         response.headers["X-Request-Id"] = rid
-        if SENDER in request and not request.content.is_eof():
+        if SENDER in request and response.status != 408 and not request.content.is_eof():
             # a sender's reply before its body's end: delivered, not lost in a reset
             await reply_then_drain(request, response, self.limits.max_body_size)
         return response
