@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from flespi_receiver.fields import POSTGRES_EPOCH, as_datetime, postgres_usecs
+from flespi_receiver.identity import IDENTITY_SIZE
 from flespi_receiver.messages import Message
 
 # state_order(): microseconds since 1900-01-01 UTC, plus one (0 is "no time")
@@ -178,17 +179,26 @@ class DeviceFold:
         """Whether the batch has a device whose state it keeps."""
         return bool(self.latest or self.every) or self.in_database
 
-    def latest_arguments(self) -> list[list[Any]]:
-        """keep_latest()'s arrays: idents (sorted, so that receivers lock rows in one order),
-        times, identities, partition times (NULL where equal to the time: most often); times
-        in microseconds since 2000-01-01 UTC (KEEP_LATEST makes them timestamptz)."""
+    def latest_arguments(self) -> list[Any]:
+        """keep_latest()'s arguments, as device_state.KEEP_LATEST takes them: idents (sorted,
+        so that receivers lock rows in one order) as a JSON array, times as a JSON array of
+        microseconds since 2000-01-01 UTC (null: none), the identities side by side in one
+        bytes (IDENTITY_SIZE each), partition times as the times (null where equal to the
+        time: most often). One text or bytes per column, not a list: asyncpg encodes an array
+        parameter at about a microsecond an element."""
         idents = sorted(self.latest)
         rows = [self.latest[ident] for ident in idents]
+        hashes = b"".join([row[2] for row in rows])
+        assert len(hashes) == IDENTITY_SIZE * len(rows)
         return [
-            idents,
-            [None if row[1] is None else postgres_usecs(row[1]) for row in rows],
-            [row[2] for row in rows],
-            [None if row[1] == row[3] else postgres_usecs(row[3]) for row in rows],
+            orjson.dumps(idents).decode(),
+            orjson.dumps(
+                [None if row[1] is None else postgres_usecs(row[1]) for row in rows]
+            ).decode(),
+            hashes,
+            orjson.dumps(
+                [None if row[1] == row[3] else postgres_usecs(row[3]) for row in rows]
+            ).decode(),
         ]
 
     def merged_arguments(self, with_payloads: bool = False) -> list[list[Any]]:
