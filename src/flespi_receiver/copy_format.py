@@ -194,10 +194,11 @@ def row_chunks(
     size = 0
     limit = FIRST_CHUNK_SIZE
     for message in messages:
-        if distinct is not None and not distinct.first(message.identity):
+        identity = message.identity
+        if distinct is not None and not distinct.first(identity):
             continue
         if fold is not None:
-            fold.add(message, message.columns, message.identity)
+            fold.add(message, message.columns, identity)
         if len(message.raw) > CHUNK_SIZE:
             before, after = _around_payload(stream_field, message)
             parts.append(before)

@@ -18,7 +18,8 @@ from typing import Any
 
 import orjson
 
-from flespi_receiver.fields import POSTGRES_EPOCH, as_datetime, postgres_usecs
+from flespi_receiver.fields import POSTGRES_EPOCH, postgres_usecs
+from flespi_receiver.identity import IDENTITY_SIZE
 from flespi_receiver.messages import Message
 
 # state_order(): microseconds since 1900-01-01 UTC, plus one (0 is "no time")
@@ -178,26 +179,38 @@ class DeviceFold:
         """Whether the batch has a device whose state it keeps."""
         return bool(self.latest or self.every) or self.in_database
 
-    def latest_arguments(self) -> list[list[Any]]:
-        """keep_latest()'s arrays: idents (sorted, so that receivers lock rows in one order),
-        times, identities, partition times (NULL where equal to the time: most often); times
-        in microseconds since 2000-01-01 UTC (KEEP_LATEST makes them timestamptz)."""
+    def latest_arguments(self) -> list[Any]:
+        """keep_latest()'s arguments, as device_state.KEEP_LATEST takes them: idents (sorted,
+        so that receivers lock rows in one order) as a JSON array, times as a JSON array of
+        microseconds since 2000-01-01 UTC (null: none), the identities side by side in one
+        bytes (IDENTITY_SIZE each), partition times as the times (null where equal to the
+        time: most often). One text or bytes per column, not a list: asyncpg encodes an array
+        parameter at about a microsecond an element."""
         idents = sorted(self.latest)
         rows = [self.latest[ident] for ident in idents]
+        hashes = b"".join([row[2] for row in rows])
+        assert len(hashes) == IDENTITY_SIZE * len(rows)
         return [
-            idents,
-            [None if row[1] is None else postgres_usecs(row[1]) for row in rows],
-            [row[2] for row in rows],
-            [None if row[1] == row[3] else postgres_usecs(row[3]) for row in rows],
+            orjson.dumps(idents).decode(),
+            orjson.dumps(
+                [None if row[1] is None else postgres_usecs(row[1]) for row in rows]
+            ).decode(),
+            hashes,
+            orjson.dumps(
+                [None if row[1] == row[3] else postgres_usecs(row[3]) for row in rows]
+            ).decode(),
         ]
 
-    def merged_arguments(self, with_payloads: bool = False) -> list[list[Any]]:
-        """keep_merged()'s arrays: per device its latest message, the earliest order among its
-        parameters, the last value of every parameter with its order where it is not the latest
-        message's, the digest of the parameters' keys, the last latitude and longitude with
-        their orders. Unless `with_payloads`, the values are NULL where they are the latest
-        message's own (most often): PostgreSQL reads them from that stored message if needed."""
-        arrays: list[list[Any]] = [[] for _ in range(13)]
+    def merged_arguments(self, with_payloads: bool = False) -> list[Any]:
+        """keep_merged()'s arguments, as device_state.KEEP_MERGED takes them: per device its
+        latest message, the earliest order among its parameters, the last value of every
+        parameter with its order where it is not the latest message's, the digest of the
+        parameters' keys, the last latitude and longitude with their orders. Unless
+        `with_payloads`, the values are NULL where they are the latest message's own (most
+        often): PostgreSQL reads them from that stored message if needed. Each column is one
+        JSON array (times in microseconds since 2000-01-01 UTC, as latest_arguments), the
+        identities and the digests side by side in one bytes each."""
+        arrays: list[list[Any]] = [[] for _ in range(12)]
         for ident in sorted(self.every):
             entries = self.every[ident]
             entries.sort(key=lambda entry: entry[0])
@@ -224,18 +237,23 @@ class DeviceFold:
                 orders.pop(name, None)
             row = (
                 ident,
-                as_datetime(ts),
+                None if ts is None else postgres_usecs(ts),
                 newest,
-                None if ts == partition_ts else as_datetime(partition_ts),
+                None if ts == partition_ts else postgres_usecs(partition_ts),
                 min(orders.values(), default=latest),
-                orjson.dumps(values).decode() if orders or with_payloads else None,
-                orjson.dumps(orders).decode(),
+                values if orders or with_payloads else None,
+                orders,
                 parameter_keys(tuple(values)),
                 latitude,
                 latitude_order,
                 longitude,
                 longitude_order,
             )
-            for array, value in zip(arrays[1:], row, strict=True):
+            for array, value in zip(arrays, row, strict=True):
                 array.append(value)
-        return arrays[1:]
+        # identities (IDENTITY_SIZE bytes) and digests (SHA-256, 32 bytes): one bytes each
+        packed = {2: b"".join(arrays[2]), 7: b"".join(arrays[7])}
+        return [
+            packed[number] if number in packed else orjson.dumps(array).decode()
+            for number, array in enumerate(arrays)
+        ]

@@ -154,6 +154,9 @@ class MessageFields:
         self._validator: TypeAdapter[dict[str, Any]] = TypeAdapter(
             with_config(ConfigDict(extra="ignore"))(known)
         )
+        # pydantic-core's validator itself: TypeAdapter.validate_python's own Python frame cost
+        # 0.9 of the 2.9 ms that 1000 messages take
+        self._validate = self._validator.validator.validate_python
         # the keys a large element is read for (large_element.py); a stream keyed by content
         # needs each message parsed whole
         self.large_names: tuple[str, ...] | None = (
@@ -167,7 +170,7 @@ class MessageFields:
         """The derived columns of a message, in the order of MESSAGE_COLUMNS without stream,
         payload and message_hash: ident, ts, server_ts, channel_id, device_id, latitude,
         longitude, and last partition_ts (ts, else server_ts, else NO_TIME)."""
-        known: dict[str, Any] = self._validator.validate_python(data)
+        known: dict[str, Any] = self._validate(data)
         ident = known["ident"]
         if ident is not None and type(ident) is not str:
             ident = (

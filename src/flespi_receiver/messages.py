@@ -112,7 +112,9 @@ def exact_messages(
     """
     for element in elements:
         # comparing bytes to bytes is much faster than to a memoryview
-        if isinstance(element, Message | Rejected):
+        if type(element) is bytes:  # the usual element, first: isinstance() costs more
+            verdict = judge_element(element, fields.large_names)
+        elif isinstance(element, Message | Rejected):
             verdict = element  # judged already (judged_large_apart)
         else:
             verdict = judge_element(bytes(element), fields.large_names)
