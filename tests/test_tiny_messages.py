@@ -3,11 +3,13 @@ state and counts as any batch, at a few times the body's size in memory."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -19,7 +21,7 @@ from flespi_receiver.identity import IDENTITY_SIZE, text_identity
 from flespi_receiver.identity_set import IdentitySet
 
 from conftest import STREAM_TOML
-from helpers import AUTH, count, memory_kib, receiver_of_its_own
+from helpers import AUTH, count, memory_kib, receiver_of_its_own, reset_peak
 
 SECOND_STREAM = STREAM_TOML.replace('"main"', '"second"').replace('"/flespi"', '"/second"')
 DEVICES = KEPT_DEVICES + 300
@@ -194,3 +196,46 @@ def test_copies_are_caught_among_very_many_identities_however_alike() -> None:
     assert not any(compact.add(identity) for identity in [*identities, *alike])
     with pytest.raises(ValueError, match="16 bytes"):
         compact.add(b"short")
+
+
+async def _send_tiny(session: aiohttp.ClientSession, url: str, body: bytes) -> int | str:
+    """POST `body` with its Content-Length: the reply's status, or "closed" when the receiver
+    closed the connection before the client had sent it all (after a 503)."""
+    try:
+        async with session.post(url, data=io.BytesIO(body), headers=AUTH) as reply:
+            await reply.read()
+            return reply.status
+    except aiohttp.ClientConnectionError:
+        return "closed"
+
+
+MESSAGES = 95_000
+
+
+async def test_bodies_of_tiny_messages_in_flight_are_bounded(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    max_body_size, in_flight = 3 * 1024 * 1024, 4  # bodies_in_flight's default
+    # messages of 30 bytes, no ident, no time: 95 000 in a body near max_body_size
+    bodies = [
+        b"[" + b",".join(b'{"i":"tiny-bounded-%02d-%06d"}' % (n, i) for i in range(MESSAGES)) + b"]"
+        for n in range(in_flight)
+    ]
+    assert all(len(body) < max_body_size for body in bodies)
+    async with receiver_of_its_own(tmp_path, database_url, max_body_size) as (session, url, pid):
+        # small batches first, as many at once as may be in flight, so that what a batch
+        # loads (a pool connection each) is in the baseline
+        warm = [orjson.dumps([{"warm": n, "i": i} for i in range(100)]) for n in range(in_flight)]
+        warmed = await asyncio.gather(*(_send_tiny(session, url, body) for body in warm))
+        assert warmed == [200] * in_flight
+        reset_peak(pid)
+        before = memory_kib(pid)
+        replies = await asyncio.gather(*(_send_tiny(session, url, body) for body in bodies))
+        peak = (memory_kib(pid, "VmHWM") - before) * 1024
+    # a body of tiny messages needs every slot near its end (its chunks, each message's
+    # identity): the bodies take turns, those that found no room are told 503 (and would be
+    # sent again), and what the bodies hold stays within max_body_size x bodies_in_flight
+    assert set(replies) <= {200, 503, "closed"}, replies
+    assert 200 in replies
+    assert peak < in_flight * max_body_size, f"peak {peak / 2**20:.1f} MiB, {replies}"
+    assert await count(db) == MESSAGES * replies.count(200) + 1 + 100 * in_flight

@@ -19,7 +19,9 @@ from flespi_receiver.errors import BodyIncomplete, BodyTimeout, BodyTooLarge
 
 # Content-Encoding values decoded here (RFC 9110: x-gzip is gzip); anything else gets 415
 CODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate"})
-# decompressed bytes handed on at a time, so that a bomb is stopped at max_size, not after
+# bytes handed on at a time, as sent or decompressed: a bomb is stopped at max_size, not after,
+# and what a piece becomes while it is split (its elements, about 2.5 times a piece of tiny
+# messages) stays small whatever the connection has buffered (body_cost.py)
 _PIECE = 256 * 1024
 # seconds a body may take before min_rate applies (TCP slow start, a proxy's first buffer)
 MIN_RATE_GRACE = 5.0
@@ -199,7 +201,7 @@ class BodyReader:
     async def _receive(self) -> bytes:
         try:
             async with asyncio.timeout_at(self._next_deadline()):
-                data = await self._content.readany()
+                data = await self._content.read(_PIECE)
         except TimeoutError:
             # not a TimeoutError: inside a COPY, asyncpg would take that for its own timeout
             raise BodyTimeout from None
