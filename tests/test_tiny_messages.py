@@ -217,7 +217,7 @@ async def test_bodies_of_tiny_messages_in_flight_are_bounded(
 ) -> None:
     # bodies of 2.8 MiB: each needs three of the four slots near its end
     max_body_size, in_flight = 4 * 1024 * 1024, 4  # bodies_in_flight's default
-    # messages of 30 bytes, no ident, no time: 95 000 in a body near max_body_size
+    # messages of 30 bytes, no ident, no time: 95 000 in a body of 2.8 MiB
     bodies = [
         b"[" + b",".join(b'{"i":"tiny-bounded-%02d-%06d"}' % (n, i) for i in range(MESSAGES)) + b"]"
         for n in range(in_flight)
