@@ -684,3 +684,60 @@ async def test_a_sender_refused_mid_upload_gets_its_reply_not_a_reset(
         assert b"Retry-After: " in reply
         assert b"Connection: close" in reply
     assert await count(db) == 200
+
+
+async def test_empty_lines_before_a_request_count_but_never_make_a_second_reply(
+    tmp_path: Path, database_url: str, db: asyncpg.Connection
+) -> None:
+    # RFC 9112 2.2: empty lines before a request line are skipped. They count within
+    # max_header_size; past it, one 431. Counted as headers but skipped by the parser, they
+    # made a second reply (a 431 after the batch's 200) or a body that was never read
+    async with serving(tmp_path, database_url) as served:
+        for lines, request, expected in (
+            (100, batch_request(), [200]),  # on a new connection
+            (5000, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", [431]),  # 10 000 bytes > 8 KiB
+        ):
+            raw = served.connect()
+            raw.sendall(b"\r\n" * lines + request)
+            replies = await asyncio.to_thread(read_until_reply, raw)
+            raw.settimeout(1.5)
+            with contextlib.suppress(TimeoutError, OSError):
+                replies += await asyncio.to_thread(raw.recv, 65536)
+            raw.close()
+            statuses = [int(part.split(b" ", 1)[0]) for part in replies.split(b"HTTP/1.1 ")[1:]]
+            assert statuses == expected, replies
+        # on a kept-alive connection, between two batches
+        raw = served.connect()
+        raw.sendall(batch_request())
+        assert status_of(await asyncio.to_thread(read_until_reply, raw)) == 200
+        raw.sendall(b"\r\n" * 100 + batch_request(orjson.dumps([flespi_message(7)])))
+        second = await asyncio.to_thread(read_until_reply, raw)
+        raw.settimeout(1.5)
+        with contextlib.suppress(TimeoutError, OSError):
+            second += await asyncio.to_thread(raw.recv, 65536)
+        raw.close()
+        assert second.count(b"HTTP/1.1 ") == 1, second
+        assert status_of(second) == 200
+    assert await count(db) == 2  # flespi_message(1) twice is one message
+
+
+async def test_a_sender_refused_on_its_headers_alone_has_its_body_left_unread(
+    tmp_path: Path, database_url: str
+) -> None:
+    # 415 (a coding not supported) is decided on the headers: the connection closes at once,
+    # the body is not read (only refusals for room or mid-body are followed by a drain)
+    async with serving(tmp_path, database_url) as served:
+        raw = served.connect()
+        raw.sendall(
+            b"POST /flespi HTTP/1.1\r\nHost: x\r\nAuthorization: " + TOKEN.encode() + b"\r\n"
+            b"Content-Encoding: br\r\nContent-Length: 900000\r\n\r\n"
+        )
+        reply = await asyncio.to_thread(read_until_reply, raw)
+        started = time.monotonic()
+        raw.settimeout(5)
+        closed = await asyncio.to_thread(raw.recv, 65536)
+        waited = time.monotonic() - started
+        raw.close()
+    assert status_of(reply) == 415
+    assert closed == b""
+    assert waited < 0.5, f"the receiver waited {waited:.1f} s for a body it refused"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import ssl
@@ -269,6 +270,38 @@ async def test_idle_connections_to_the_tls_port_hold_little_and_close_after_head
     assert closed
     assert waited < 5, f"closed {waited:.1f} s after, header_timeout is 1 s"
     assert grown / connections < 128, f"{grown / connections:.0f} KiB a connection"
+
+
+async def test_a_client_ending_tls_without_close_notify_writes_no_log_line(
+    tmp_path: Path, database_url: str
+) -> None:
+    # a refused request over TLS, then the client's FIN without close_notify: asyncio warned
+    # once per connection ("returning true from eof_received() has no effect when using
+    # ssl"), a line a stranger could have written without limit
+    port = free_port()
+    config, client_context = https_config(tmp_path, database_url, port)
+
+    def refused_then_fin() -> None:
+        raw = socket.create_connection(("127.0.0.1", port))
+        tls = client_context.wrap_socket(raw, server_hostname="127.0.0.1")
+        tls.sendall(b"POST /flespi HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n[]")
+        time.sleep(0.02)
+        tls.shutdown(socket.SHUT_WR)  # TCP's FIN, no close_notify
+        tls.settimeout(5)
+        with contextlib.suppress(OSError):
+            while tls.recv(4096):
+                pass
+        tls.close()
+
+    with receiver_process(config) as process:
+        assert await post_over_tls(port, client_context, process) == 200
+        for _ in range(20):
+            await asyncio.to_thread(refused_then_fin)
+        await asyncio.sleep(0.3)
+        process.terminate()
+        assert process.wait(20) == 0
+    events = [orjson.loads(line) for line in log_of(config).read_text().splitlines()]
+    assert not [e for e in events if e.get("logger") == "asyncio"], events[-3:]
 
 
 async def test_sighup_rotates_credentials_under_load_without_failing_a_request(

@@ -66,6 +66,7 @@ class GuardedRequestHandler(RequestHandler):
         self._consumed = 0
         self._request_header_bytes = 0
         self._current_header_bytes = 0
+        self._empty_lines = 0  # skipped before the request line (_skip_empty_lines)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -83,10 +84,16 @@ class GuardedRequestHandler(RequestHandler):
         self._client_done = True
         if self._current_request is not None:
             _cut_short(self._current_request)
+        if self.transport is not None and self.transport.get_extra_info("ssl_object"):
+            return None  # TLS can't stay half-open: asyncio closes it (and warned for True)
         return True
 
     def data_received(self, data: bytes) -> None:
         self._received += len(data)
+        if self._awaiting_headers and not self._header_bytes:
+            data = self._skip_empty_lines(data)
+            if not data:
+                return
         if self._awaiting_headers and self._over_header_budget(data):
             self._refuse_large_headers()
             return  # never parsed, never served
@@ -107,6 +114,23 @@ class GuardedRequestHandler(RequestHandler):
         if data and self._header_timer is None:
             self._arm_header_timer()
 
+    def _skip_empty_lines(self, data: bytes) -> bytes:
+        """`data` without the empty lines before a request line, which are skipped (RFC 9112
+        section 2.2) before the parser sees them: they are the request's bytes all the same,
+        within max_header_size and header_timeout."""
+        rest = data.lstrip(b"\r\n")
+        skipped = len(data) - len(rest)
+        if not skipped:
+            return data
+        self._consumed += skipped  # not given to the parser: not part of what it holds
+        self._empty_lines += skipped
+        if self._empty_lines > self._header_limits.max_size:
+            self._refuse_large_headers()
+            return b""
+        if self._header_timer is None:
+            self._arm_header_timer()
+        return rest
+
     def _over_header_budget(self, data: bytes) -> bool:
         """Count the bytes of `data` up to the end of the headers (the blank line), as sent:
         whitespace and the chunk that also brings the body's start count too."""
@@ -117,7 +141,7 @@ class GuardedRequestHandler(RequestHandler):
             self._header_tail = seen[-3:]
         else:
             self._header_bytes += end + 4 - len(self._header_tail)
-        return self._header_bytes > self._header_limits.max_size
+        return self._header_bytes + self._empty_lines > self._header_limits.max_size
 
     async def _handle_request(
         self,
@@ -161,6 +185,7 @@ class GuardedRequestHandler(RequestHandler):
             self.force_close()  # chunked: what was the body's is not known, no next request
             return
         self._consumed += header_bytes + (request.content_length or 0)
+        self._empty_lines = 0
         self._awaiting_headers = True
         self._header_bytes = max(0, self._received - self._consumed)
         self._header_tail = b""

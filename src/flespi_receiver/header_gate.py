@@ -70,7 +70,16 @@ class HeaderGate(asyncio.Protocol):
     and every byte received so far; `gates` is the set of open gates, closed at shutdown.
     """
 
-    __slots__ = ("_data", "_gates", "_hand_over", "_max_size", "_metrics", "_timer", "_transport")
+    __slots__ = (
+        "_data",
+        "_gates",
+        "_hand_over",
+        "_max_size",
+        "_metrics",
+        "_skipped",
+        "_timer",
+        "_transport",
+    )
 
     def __init__(
         self,
@@ -87,6 +96,7 @@ class HeaderGate(asyncio.Protocol):
         self._metrics = metrics
         self._transport: asyncio.Transport | None = None
         self._data = bytearray()
+        self._skipped = 0  # bytes of empty lines before the request line
         self._timer = asyncio.get_running_loop().call_later(timeout, self._too_slow, timeout)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -95,12 +105,19 @@ class HeaderGate(asyncio.Protocol):
         self._gates.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if not self._data:
+            # empty lines before the request line are skipped (RFC 9112 section 2.2), never
+            # handed over, and count within max_header_size
+            rest = data.lstrip(b"\r\n")
+            self._skipped += len(data) - len(rest)
+            data = rest
         seen = len(self._data)
         self._data += data
         end = headers_end(self._data, max(0, seen - 3))
-        if end == -1 and len(self._data) <= self._max_size:
+        room = self._max_size - self._skipped
+        if end == -1 and len(self._data) <= room:
             return
-        if end == -1 or end > self._max_size:
+        if end == -1 or end > room:
             self._refuse(
                 431,
                 "Request Header Fields Too Large",

@@ -86,6 +86,16 @@ def error_response(status: int, reason: str, **headers: str) -> web.Response:
     return json_response(status, {"error": reason}, **headers)
 
 
+def _drained(request: web.Request, status: int, received: int) -> bool:
+    """Whether the rest of the body is read and dropped after the reply (drain.py): for a
+    stream's sender whose body is not all read, refused for room (503) or mid-way (some of it
+    received); not after a 408 (too slow already), nor after a refusal on the headers alone
+    (401, 403, 413 by Content-Length, 415, 417: the body is never read)."""
+    if SENDER not in request or request.content.is_eof() or status == 408:
+        return False
+    return status == 503 or received > 0
+
+
 def _broken(response: web.Response) -> web.Response:
     """A transfer that broke off: the connection is closed after the reply, never reused."""
     response.force_close()
@@ -191,7 +201,7 @@ class StreamEndpoint:
             client=str(client),
         )
         response.headers["X-Request-Id"] = rid
-        if SENDER in request and response.status != 408 and not request.content.is_eof():
+        if _drained(request, response.status, size):
             # a sender's reply before its body's end: delivered, not lost in a reset
             await reply_then_drain(request, response, self.limits.max_body_size)
         return response
