@@ -1,14 +1,15 @@
 """A sender's reply delivered before its connection closes, when its body was not read whole.
 
-A reply sent while the client is still uploading (503 when there was no room for the body, 408,
-a body refused mid-way) is followed by the connection's close. Closing a socket with unread
+A reply sent while the client is still uploading (503 when there was no room for the body, a
+body refused mid-way) is followed by the connection's close. Closing a socket with unread
 data in it, or with data still arriving, makes the kernel send a reset, and a client that
 reads its reply only after it has sent its whole body (most HTTP clients) then gets the reset
 instead of the reply. For a request that carried a stream's credentials, the rest of the body
 is read and dropped, undecoded (aiohttp's decompression is off), for at most `DRAIN_SECONDS`
 and the body's declared size, after the reply is sent, and only while it keeps coming (a
-pause of `DRAIN_IDLE_SECONDS` ends it). Not after a 408: that sender is too slow already. A
-stranger's body is never read (it was refused on its headers).
+pause of `DRAIN_IDLE_SECONDS` ends it). Not after a 408 (that sender is too slow already),
+nor after a refusal on the headers alone: `ingest._drained` decides. A stranger's body is
+never read (it was refused on its headers).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ bytes a line, up to 100 lines), however long the headers take to come. A `Header
 connection's first protocol instead: it holds what arrives as one `bytearray`, within
 `max_header_size` bytes and `header_timeout` seconds, and hands the connection and those bytes
 to the request handler only once the blank line that ends the headers is there. A sender that
-never finishes its headers costs the gate (about 1 KiB) and the bytes it sent; it gets 431 when
-they pass the limit and 408 when the time is up, and the connection closes.
+never finishes its headers costs the gate, its socket and transport (about 2 KiB) and the
+bytes it sent; it gets 431 when they pass the limit and 408 when the time is up, and the
+connection closes.
 """
 
 from __future__ import annotations
