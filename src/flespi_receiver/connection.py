@@ -28,7 +28,14 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from flespi_receiver.header_gate import SERVER_NAME, HeaderGate, raw_reply, record_refusal
+from flespi_receiver.header_gate import (
+    SERVER_NAME,
+    HeaderGate,
+    headers_too_large,
+    headers_too_slow,
+    record_refusal,
+    send_refusal,
+)
 from flespi_receiver.metrics import Metrics
 from flespi_receiver.state import METRICS, SENDER
 
@@ -195,7 +202,7 @@ class GuardedRequestHandler(RequestHandler):
             self._arm_header_timer()
 
     def _refuse_large_headers(self) -> None:
-        self._refuse(431, "Request Header Fields Too Large", self._too_large_reason())
+        self._refuse(431, headers_too_large(self._header_limits.max_size))
 
     def handle_error(
         self,
@@ -218,7 +225,7 @@ class GuardedRequestHandler(RequestHandler):
         return self._closing_reply(status, reason)
 
     async def _headers_too_large(self, request: BaseRequest) -> web.StreamResponse:
-        return self._closing_reply(431, self._too_large_reason())
+        return self._closing_reply(431, headers_too_large(self._header_limits.max_size))
 
     def _closing_reply(self, status: int, reason: str) -> web.Response:
         """A JSON reply made here, counted and logged, after which the connection closes."""
@@ -231,9 +238,6 @@ class GuardedRequestHandler(RequestHandler):
         )
         response.force_close()
         return response
-
-    def _too_large_reason(self) -> str:
-        return f"request headers are larger than {self._header_limits.max_size} bytes"
 
     def _record(self, status: int, reason: str) -> str:
         """One `batch` line and one count for a reply made here; returns its request id."""
@@ -252,18 +256,13 @@ class GuardedRequestHandler(RequestHandler):
     def _headers_too_slow(self) -> None:
         self._header_timer = None
         if self._awaiting_headers:
-            self._refuse(
-                408,
-                "Request Timeout",
-                f"request headers not received within {self._header_limits.timeout}s",
-            )
+            self._refuse(408, headers_too_slow(self._header_limits.timeout))
 
-    def _refuse(self, status: int, reason: str, error: str) -> None:
+    def _refuse(self, status: int, error: str) -> None:
         self._disarm_header_timer()
         self._awaiting_headers = False
         if self.transport is not None:
-            rid = self._record(status, error)
-            self.transport.write(raw_reply(status, reason, error, rid))
+            send_refusal(self._metrics, self.transport, status, error)
         self.force_close()  # the transport sends what was written, then closes
 
 

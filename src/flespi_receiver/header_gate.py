@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
+from http import HTTPStatus
 
 import orjson
 
@@ -53,6 +54,25 @@ def record_refusal(
         client=peer[0] if isinstance(peer, tuple) else None,
     )
     return rid
+
+
+def send_refusal(
+    metrics: Metrics, transport: asyncio.WriteTransport, status: int, error: str
+) -> None:
+    """Record a refusal made outside aiohttp (`record_refusal`) and write its reply
+    (`raw_reply`); the caller closes the connection."""
+    rid = record_refusal(metrics, transport, status, error)
+    transport.write(raw_reply(status, HTTPStatus(status).phrase, error, rid))
+
+
+def headers_too_large(max_size: int) -> str:
+    """The reason of a 431 for headers over `max_size` bytes."""
+    return f"request headers are larger than {max_size} bytes"
+
+
+def headers_too_slow(timeout: float) -> str:
+    """The reason of a 408 for headers not complete within `timeout` seconds."""
+    return f"request headers not received within {timeout}s"
 
 
 def headers_end(data: bytes | bytearray, start: int = 0) -> int:
@@ -119,11 +139,7 @@ class HeaderGate(asyncio.Protocol):
         if end == -1 and len(self._data) <= room:
             return
         if end == -1 or end > room:
-            self._refuse(
-                431,
-                "Request Header Fields Too Large",
-                f"request headers are larger than {self._max_size} bytes",
-            )
+            self._refuse(431, headers_too_large(self._max_size))
             return
         self._open()
 
@@ -155,14 +171,13 @@ class HeaderGate(asyncio.Protocol):
         handler.data_received(data)
 
     def _too_slow(self, timeout: float) -> None:
-        self._refuse(408, "Request Timeout", f"request headers not received within {timeout}s")
+        self._refuse(408, headers_too_slow(timeout))
 
-    def _refuse(self, status: int, reason: str, error: str) -> None:
+    def _refuse(self, status: int, error: str) -> None:
         self._timer.cancel()
         self._data = bytearray()
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        rid = record_refusal(self._metrics, transport, status, error)
-        transport.write(raw_reply(status, reason, error, rid))
+        send_refusal(self._metrics, transport, status, error)
         transport.close()  # after what was written is sent
