@@ -149,9 +149,14 @@ class StreamSettings(_Section):
     # spelled (identity.py; `flespi-receiver backfill` needs it)
     identity: Identity = "text"
 
-    def message_fields(self) -> MessageFields:
-        """How this stream's messages are read; build it once per stream and keep it."""
-        return MessageFields(self.fields.in_effect(), content_identity=self.identity == "content")
+    def message_fields(self, *, keep_keys: bool = False) -> MessageFields:
+        """How this stream's messages are read; build it once per stream and keep it.
+        `keep_keys`: merge mode's (MessageFields)."""
+        return MessageFields(
+            self.fields.in_effect(),
+            content_identity=self.identity == "content",
+            keep_keys=keep_keys,
+        )
 
     @field_validator("path")
     @classmethod

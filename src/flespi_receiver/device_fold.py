@@ -10,8 +10,6 @@ until the end, so the limit is on messages.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +19,7 @@ import orjson
 from flespi_receiver.fields import POSTGRES_EPOCH, postgres_usecs
 from flespi_receiver.identity import IDENTITY_SIZE
 from flespi_receiver.messages import Message
+from flespi_receiver.parameter_keys import parameter_keys
 
 # state_order(): microseconds since 1900-01-01 UTC, plus one (0 is "no time")
 _ORDER_OFFSET = (POSTGRES_EPOCH + 2208988800) * 1_000_000 + 1
@@ -94,14 +93,6 @@ LEFT JOIN folded AS f USING (ident)
 LEFT JOIN latitudes AS a USING (ident)
 LEFT JOIN longitudes AS g USING (ident)
 """
-
-
-@functools.lru_cache(maxsize=4096)
-def parameter_keys(keys: tuple[str, ...]) -> bytes:
-    """What parameter_keys() gives in PostgreSQL for a payload with these keys: SHA-256 of the
-    keys sorted bytewise (code points sort as their UTF-8 bytes do), each as its length in
-    characters, ':' and itself. Cached: a fleet's messages have few sets of keys."""
-    return hashlib.sha256("".join(f"{len(key)}:{key}" for key in sorted(keys)).encode()).digest()
 
 
 def state_order(ts: float | None, identity: bytes) -> str:
@@ -216,14 +207,20 @@ class DeviceFold:
             entries.sort(key=lambda entry: entry[0])
             (_, newest), last, ts, partition_ts, _, _ = entries[-1]
             latest = state_order(ts, newest)
+            last_data: dict[str, Any] | None = None
+            last_keys = last.keys_digest
+            if last_keys is None:
+                last_data = orjson.loads(last.raw)
+                last_keys = parameter_keys(tuple(last_data))
             values: dict[str, Any] = {}
             # the orders of the parameters that come from an earlier message of the batch
             orders: dict[str, str] = {}
             latitude = latitude_order = longitude = longitude_order = None
             for key, message, ts_, _, lat, lon in entries:
                 order = state_order(ts_, key[1]) if message is not last else latest
-                if message is not last:
-                    # decoding lets the parse go once the columns are known: read the text again
+                # an earlier message with the latest one's parameters gives none of its own
+                # (most often): its text is read again only when they differ
+                if message is not last and message.keys_digest != last_keys:
                     data = orjson.loads(message.raw)
                     values.update(data)
                     orders.update(dict.fromkeys(data, order))
@@ -231,10 +228,14 @@ class DeviceFold:
                     latitude, latitude_order = lat, order
                 if lon is not None:
                     longitude, longitude_order = lon, order
-            data = orjson.loads(last.raw)
-            values.update(data)
-            for name in data:
-                orders.pop(name, None)
+            if orders or with_payloads:
+                if last_data is None:
+                    last_data = orjson.loads(last.raw)
+                values.update(last_data)
+                for name in last_data:
+                    orders.pop(name, None)
+            # the parameters are the latest message's unless an earlier one had others
+            keys = parameter_keys(tuple(values)) if orders else last_keys
             row = (
                 ident,
                 None if ts is None else postgres_usecs(ts),
@@ -243,7 +244,7 @@ class DeviceFold:
                 min(orders.values(), default=latest),
                 values if orders or with_payloads else None,
                 orders,
-                parameter_keys(tuple(values)),
+                keys,
                 latitude,
                 latitude_order,
                 longitude,

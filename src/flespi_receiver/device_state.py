@@ -20,10 +20,10 @@ from flespi_receiver.device_fold import (
     LATEST_OF_TRANSACTION,
     MERGED_OF_TRANSACTION,
     DeviceFold,
-    parameter_keys,
     state_order,
 )
 from flespi_receiver.fields import as_datetime
+from flespi_receiver.parameter_keys import parameter_keys
 
 __all__ = ["DeviceFold", "parameter_keys", "state_order"]
 

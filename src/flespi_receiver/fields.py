@@ -140,9 +140,15 @@ class MessageFields:
     pydantic TypedDict validator built once, used for every message), and whether the stream
     keys its messages by content rather than by their text (identity.py)."""
 
-    def __init__(self, names: dict[str, str], *, content_identity: bool = False) -> None:
+    def __init__(
+        self, names: dict[str, str], *, content_identity: bool = False, keep_keys: bool = False
+    ) -> None:
         self.names = names
         self.content_identity = content_identity
+        # merge mode: each message keeps the digest of its keys (Message.keys_digest), so that
+        # the fold reads again only the messages whose parameters differ from their device's
+        # latest message's
+        self.keep_keys = keep_keys
         known = _typed_dict(
             "KnownFields",
             {

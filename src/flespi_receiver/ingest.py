@@ -155,7 +155,9 @@ class StreamEndpoint:
         credentials = [v.get_secret_value().encode("utf-8") for v in stream.authorization]
         # one assignment: a request sees the old settings or the new ones, never a mix
         self.current = (stream, credentials)
-        self.fields = stream.message_fields()
+        self.fields = stream.message_fields(
+            keep_keys=self.effects.device_state and self.effects.merge
+        )
         self.removed = False
 
     def remove(self) -> None:

@@ -21,6 +21,7 @@ from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.identity import message_identity, text_identity
 from flespi_receiver.json_scan import duplicate_key, no_key_lost, split_array, why_invalid
 from flespi_receiver.large_element import LARGE_ELEMENT, TooDeep, judge_large
+from flespi_receiver.parameter_keys import parameter_keys
 from flespi_receiver.splitter import NotExact, split_elements, without_bom
 
 # a JSON string that PostgreSQL's jsonb refuses
@@ -50,6 +51,9 @@ class Message:
     content_identity: bytes | None = None
     # the hash of the text, computed once: the COPY row and the device fold both need it
     _text_identity: bytes = b""
+    # merge mode: parameter_keys() of its top-level keys, known from the parse (None: not
+    # computed; the fold then reads the text again)
+    keys_digest: bytes | None = None
 
     @property
     def identity(self) -> bytes:
@@ -159,6 +163,9 @@ def _derive_columns(message: Message, fields: MessageFields) -> None:
     message.columns = fields.columns(message.data, message.raw)
     if fields.content_identity:
         message.content_identity = message_identity(message.data, message.raw)
+    # a large element's `data` may hold its known keys only (judge_large)
+    if fields.keep_keys and len(message.raw) <= LARGE_ELEMENT:
+        message.keys_digest = parameter_keys(tuple(message.data))
     message.data = {}
 
 
