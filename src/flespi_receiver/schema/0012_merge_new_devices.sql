@@ -1,8 +1,10 @@
 -- Merge mode: a device seen for the first time takes the batch's fold as its state in one
 -- INSERT, and when every device of a batch is new nothing else runs. Its state was made empty
 -- first and then merged parameter by parameter (merge_parameters()), about half a millisecond a
--- device: the first batch of a fleet of 1000 devices took half a second. keep_merged() is
--- otherwise as 0011_device_state_pointer.sql made it.
+-- device: the first batch of a fleet of 1000 devices took half a second. And the orders a
+-- state's update compares are computed once a row: written out at each use, about a dozen a
+-- row took half the statement's time. keep_merged() is otherwise as
+-- 0011_device_state_pointer.sql made it.
 CREATE OR REPLACE FUNCTION keep_merged(p_stream text, p_idents text[], p_ts timestamptz[],
                                        p_hashes bytea[], p_partition_ts timestamptz[],
                                        p_oldest text[], p_payloads jsonb[], p_orders jsonb[],
@@ -65,24 +67,29 @@ BEGIN
         END IF;
 
         UPDATE device_latest AS s
-        SET ts = CASE WHEN i.newest > state_order(s.ts, s.message_hash) THEN i.ts ELSE s.ts END,
-            message_hash = CASE WHEN i.newest > state_order(s.ts, s.message_hash)
-                                THEN i.message_hash ELSE s.message_hash END,
-            partition_ts = CASE WHEN i.newest > state_order(s.ts, s.message_hash)
-                                THEN i.partition_ts ELSE s.partition_ts END,
-            message_id = CASE WHEN i.newest > state_order(s.ts, s.message_hash)
-                              THEN NULL ELSE s.message_id END,
-            received_at = CASE WHEN i.newest > state_order(s.ts, s.message_hash)
-                               THEN NULL ELSE s.received_at END,
-            (payload, parameter_orders, parameter_keys) = (
-                -- NULL: the merged payload is the latest message's own, shown from messages
-                SELECT CASE WHEN fast AND i.orders = '{}' THEN NULL
+        SET (ts, message_hash, partition_ts, message_id, received_at, payload, parameter_orders,
+             parameter_keys) = (
+                SELECT CASE WHEN later THEN i.ts ELSE s.ts END,
+                       CASE WHEN later THEN i.message_hash ELSE s.message_hash END,
+                       CASE WHEN later THEN i.partition_ts ELSE s.partition_ts END,
+                       CASE WHEN later THEN NULL ELSE s.message_id END,
+                       CASE WHEN later THEN NULL ELSE s.received_at END,
+                       -- NULL: the merged payload is the latest message's own, shown from
+                       -- messages
+                       CASE WHEN fast AND i.orders = '{}' THEN NULL
                             WHEN fast THEN i.payload ELSE merged -> 'payload' END,
                        CASE WHEN fast THEN i.orders ELSE merged -> 'orders' END,
                        CASE WHEN fast OR i.keys = s.parameter_keys THEN i.keys
                             ELSE parameter_keys(merged -> 'payload') END
-                FROM (SELECT i.oldest > state_order(s.ts, s.message_hash)
-                             AND coalesce(i.keys = s.parameter_keys, false) AS fast) AS f,
+                -- OFFSET 0: each computed once a row, not again at each use (an order is
+                -- about a microsecond)
+                FROM (SELECT o.newest > o.state AS later,
+                             i.oldest > o.state AND coalesce(i.keys = s.parameter_keys, false)
+                                 AS fast,
+                             o.state, o.newest
+                      FROM (SELECT state_order(s.ts, s.message_hash) AS state,
+                                   state_order(i.ts, i.message_hash) AS newest OFFSET 0) AS o
+                      OFFSET 0) AS f,
                 LATERAL (SELECT CASE WHEN NOT fast THEN
                              merge_parameters(
                                  coalesce(s.payload,
@@ -90,8 +97,8 @@ BEGIN
                                            WHERE m.stream = s.stream
                                              AND m.partition_ts = s.partition_ts
                                              AND m.message_hash = s.message_hash), '{}'),
-                                 s.parameter_orders, state_order(s.ts, s.message_hash),
-                                 i.payload, i.orders, i.newest) END AS merged) AS g),
+                                 s.parameter_orders, f.state, i.payload, i.orders, f.newest)
+                             END AS merged OFFSET 0) AS g),
             latitude = CASE WHEN i.latitude_order > coalesce(s.latitude_order, '')
                             THEN i.latitude ELSE s.latitude END,
             latitude_order = greatest(i.latitude_order, s.latitude_order),
