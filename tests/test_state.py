@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 import orjson
 import pytest
+
+from flespi_receiver.messages import identity_of
 
 from conftest import ClientFactory
 from helpers import AUTH, count, message, send, state, streams_toml
@@ -35,11 +38,27 @@ TWO_STREAMS = streams_toml(
 )
 
 
+def tied(later: float, earlier: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two messages of device A at these times, the one at `earlier` with the greater
+    identity: the tie, if PostgreSQL stores both times as one, goes to it."""
+    for speed in range(100):
+        one, two = message("A", later, speed=speed), message("A", earlier, speed=-1 - speed)
+        if identity_of(orjson.dumps(two)) > identity_of(orjson.dumps(one)):
+            return one, two
+    raise AssertionError("no such pair")
+
+
+@pytest.mark.parametrize(
+    "times",
+    [(100, 100), (1764000000.0000004, 1764000000.0000001)],
+    ids=["equal", "within-a-microsecond"],
+)
+@pytest.mark.parametrize("mode", ["", "device_state_merge = true"], ids=["latest", "merge"])
 async def test_equal_times_resolve_the_same_whatever_the_order(
-    receiver: ClientFactory, db: asyncpg.Connection
+    receiver: ClientFactory, db: asyncpg.Connection, times: tuple[float, float], mode: str
 ) -> None:
-    client = await receiver(streams=TWO_STREAMS)
-    one, two = message("A", 100, speed=1), message("A", 100, speed=2)
+    client = await receiver(streams=TWO_STREAMS, database=mode)
+    one, two = tied(*times)
     await send(client, one, two)  # one order, in one batch
     for item in (two, one):  # the other order, across batches, on the other stream
         reply = await client.post("/other", data=orjson.dumps([item]), headers=AUTH)

@@ -103,7 +103,9 @@ def state_order(ts: float | None, identity: bytes) -> str:
     return f"{usecs:015x}{identity.hex()}"
 
 
-# a message's place in "latest" order: no time is older than any time, ties by identity
+# a message's place in "latest" order: its time as PostgreSQL stores it (microseconds: two
+# times within one microsecond are one time there, so the tie goes by identity whatever the
+# batching), no time older than any time, ties by identity
 _Key = tuple[float, bytes]
 _NEG_INF = float("-inf")
 
@@ -138,7 +140,7 @@ class DeviceFold:
             self.first = self.last
         if ident is None:
             return
-        key = (_NEG_INF if ts is None else ts, identity)
+        key = (_NEG_INF if ts is None else postgres_usecs(ts), identity)
         if self.merge:
             if self.in_database or self.count > KEPT_DEVICES:
                 self.in_database, self.every = True, {}
