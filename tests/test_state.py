@@ -9,9 +9,10 @@ import asyncpg
 import orjson
 import pytest
 
+from flespi_receiver.database import apply_migrations
 from flespi_receiver.messages import identity_of
 
-from conftest import ClientFactory
+from conftest import ClientFactory, SettingsFactory
 from helpers import AUTH, count, message, send, state, streams_toml
 
 
@@ -149,3 +150,26 @@ async def test_inserts_from_any_session_keep_the_state(
         assert await conn.fetchval("SELECT count(*) FROM flespi.device_state") == 1
     finally:
         await conn.close()
+
+
+async def test_merge_mode_switched_off_shows_each_device_its_latest_message(
+    receiver: ClientFactory, db: asyncpg.Connection, make_settings: SettingsFactory
+) -> None:
+    position = {"position.latitude": 10.0, "position.longitude": 20.0}
+    merging = await receiver(database="device_state_merge = true")
+    await send(merging, message("A", 100, p=1, **position), message("B", 100, p=1))
+    await send(merging, message("A", 200, q=2))
+    merged = await state(db)
+    assert (orjson.loads(merged["payload"])["p"], merged["latitude"]) == (1, 10.0)
+    await merging.close()
+
+    # latest mode on the same database, started as `serve` starts (schema brought up to date)
+    settings = make_settings()
+    await apply_migrations(settings, settings.database.url.get_secret_value())
+    latest_mode = await receiver()
+    await send(latest_mode, message("A", 150, r=3))  # older than the state: changes nothing
+    latest = await state(db)
+    assert orjson.loads(latest["payload"]) == message("A", 200, q=2)
+    assert (latest["latitude"], latest["longitude"]) == (None, None)
+    # B's latest message is its only one: the same either way
+    assert orjson.loads((await state(db, "B"))["payload"]) == message("B", 100, p=1)

@@ -12,6 +12,7 @@ import structlog
 
 from flespi_receiver.columns import apply_columns
 from flespi_receiver.config import Settings
+from flespi_receiver.device_state import apply_state_mode
 from flespi_receiver.errors import CommandFailed
 from flespi_receiver.identity_upgrade import apply_identities
 from flespi_receiver.migrate import migrate
@@ -108,6 +109,8 @@ async def apply_migrations(settings: Settings, dsn: str) -> None:
         await maintain(conn, settings.partitioning)
         await apply_columns(conn, settings.columns)
         await apply_trigger(conn, settings.database)
+        if turned := await apply_state_mode(conn, settings.database):
+            log.info("device states kept in merge mode turned to latest mode", states=turned)
     finally:
         await conn.close()
     log.info(

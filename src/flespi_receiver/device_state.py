@@ -145,6 +145,33 @@ WHERE d.message_id IS NULL
 """
 
 
+# Merge mode switched off: the states it kept show their latest message again, as latest mode
+# keeps them; without this they showed the merged payload and position until the device's next
+# later message. A state whose message is gone (retention) keeps what it holds.
+LATEST_MODE_STATES = """
+UPDATE device_latest AS d
+SET payload = NULL, latitude = NULL, longitude = NULL, message_id = NULL, received_at = NULL,
+    parameter_orders = NULL, parameter_keys = NULL, latitude_order = NULL,
+    longitude_order = NULL, updated_at = now()
+WHERE d.parameter_orders IS NOT NULL
+  AND EXISTS (SELECT FROM messages AS m
+              WHERE m.stream = d.stream AND m.partition_ts = d.partition_ts
+                AND m.message_hash = d.message_hash)
+"""
+
+
+async def apply_state_mode(
+    conn: asyncpg.Connection | PoolConnectionProxy, db: DatabaseSettings
+) -> int:
+    """In latest mode, turn the states merge mode kept into latest ones (LATEST_MODE_STATES);
+    how many. Merge mode needs nothing here: keep_merged() turns a latest state into a merged
+    one the first time its device sends a message, starting from that state's message."""
+    if not db.device_state or db.device_state_merge:
+        return 0
+    status = await conn.execute(LATEST_MODE_STATES)
+    return int(status.rsplit(" ", 1)[1])
+
+
 def small_batch_statement(
     effects: BatchEffects, insert: str, fold: DeviceFold, first_parameter: int, also: str = ""
 ) -> tuple[str, list[Any]]:
