@@ -204,7 +204,9 @@ def judge_element(raw: bytes, known: Collection[str] | None = None) -> Message |
         duplicate = _duplicate_key(raw, canonical)
         if duplicate is not None:
             return Rejected(raw, f"duplicate key {duplicate!r}")
-    if _NUL_ESCAPE in raw and _contains_nul(data):
+    # a backslash first: one memchr, a third of the time of a search for the whole escape,
+    # and most texts have none
+    if b"\\" in raw and _NUL_ESCAPE in raw and _contains_nul(data):
         return Rejected(raw, "a string or key contains \\u0000, which PostgreSQL cannot store")
     return Message(raw, data)
 
