@@ -10,6 +10,8 @@ import asyncpg
 import orjson
 import pytest
 
+from flespi_receiver.fields import as_datetime
+
 from conftest import ClientFactory
 from helpers import AUTH, count, flespi_message, streams_toml
 
@@ -245,3 +247,28 @@ async def test_both_write_paths_store_the_same_instants(
     times = await db.fetch("SELECT ts, partition_ts FROM messages WHERE ident LIKE 'e%'")
     assert all(r["ts"] == r["partition_ts"] for r in times)
     assert await count(db) == 83
+
+
+async def test_a_message_with_every_column_stores_the_same_instants_both_ways(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    # both times on a rounding edge of a microsecond, every derived column set: the message
+    # comes in a large batch (COPY) and then alone (INSERT), which must find it stored
+    edgy = [
+        flespi_message(1000 + i, timestamp=1764000000 + i + 0.0000005, **{"server.timestamp": t})
+        for i, t in enumerate([1764000000.0000015, 1764000001.2500005, 1.0000005])
+    ]
+    filler = [flespi_message(i) for i in range(80)]
+    client = await receiver()
+    reply = await client.post("/flespi", data=orjson.dumps(edgy + filler), headers=AUTH)
+    assert (await reply.json())["stored"] == 83
+    for message in edgy:
+        reply = await client.post("/flespi", data=orjson.dumps([message]), headers=AUTH)
+        assert await reply.json() == {"stored": 0, "duplicates": 1, "rejected": 0}
+    stored = await db.fetch(
+        "SELECT ts, server_ts, partition_ts FROM messages WHERE ident = ANY($1) ORDER BY ident",
+        [m["ident"] for m in edgy],
+    )
+    expected = [(as_datetime(m["timestamp"]), as_datetime(m["server.timestamp"])) for m in edgy]
+    assert [(r["ts"], r["server_ts"]) for r in stored] == expected
+    assert all(r["partition_ts"] == r["ts"] for r in stored)

@@ -15,10 +15,9 @@ import orjson
 import pytest
 
 from flespi_receiver.bench_shapes import tiny_messages
-from flespi_receiver.copy_format import Distinct
 from flespi_receiver.device_fold import KEPT_DEVICES
 from flespi_receiver.identity import IDENTITY_SIZE, text_identity
-from flespi_receiver.identity_set import IdentitySet
+from flespi_receiver.identity_set import Distinct, IdentitySet
 
 from conftest import STREAM_TOML
 from helpers import AUTH, count, memory_kib, receiver_of_its_own, reset_peak

@@ -11,9 +11,18 @@ import struct
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from flespi_receiver.fields import postgres_usecs
-from flespi_receiver.identity_set import IdentitySet
-from flespi_receiver.messages import Message
+import msgspec
+
+from flespi_receiver.fields import POSTGRES_EPOCH, MessageFields, postgres_usecs
+from flespi_receiver.identity_set import Distinct
+from flespi_receiver.messages import (
+    MAX_REJECTED_ELEMENTS,
+    Message,
+    Rejected,
+    _derive_columns,
+    judge_element,
+)
+from flespi_receiver.splitter import NotExact
 
 if TYPE_CHECKING:
     from flespi_receiver.device_state import DeviceFold
@@ -59,29 +68,39 @@ def _float(value: float | None) -> bytes:
     return _NULL if value is None else _FLOAT8.pack(8, value)
 
 
-def encode_row(stream_field: bytes, message: Message) -> bytes:
-    """One row, in the order of MESSAGE_COLUMNS: stream, derived columns, payload, identity,
-    partition time."""
+def encode_row(head: bytes, message: Message, identity: bytes) -> bytes:
+    """One row, in the order of MESSAGE_COLUMNS: `head` (row_head(): the field count and the
+    stream), derived columns, payload, `identity`, partition time."""
     ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts = message.columns
     raw = message.raw
-    if ident is None or None in (ts, server_ts, channel_id, device_id, latitude, longitude):
-        before, after = _around_payload(stream_field, message)
+    if (
+        ident is None
+        or ts is None
+        or server_ts is None
+        or channel_id is None
+        or device_id is None
+        or latitude is None
+        or longitude is None
+    ):
+        before, after = _around_payload(head, message, identity)
         return b"".join((before, raw, after))
-    # the usual message has every column: the same bytes in three packs instead of a dozen
-    ts_usecs = postgres_usecs(ts)
-    partition_usecs = ts_usecs if partition_ts == ts else postgres_usecs(partition_ts)
+    # the usual message has every column: the same bytes in three packs instead of a dozen;
+    # postgres_usecs() written out, its call costing a third of it
+    ts_usecs = round((ts - POSTGRES_EPOCH) * 1_000_000)
+    partition_usecs = (
+        ts_usecs if partition_ts is ts else round((partition_ts - POSTGRES_EPOCH) * 1_000_000)
+    )
     encoded_ident = ident.encode()
     return b"".join(
         (
-            _FIELD_COUNT,
-            stream_field,
+            head,
             _LENGTH.pack(len(encoded_ident)),
             encoded_ident,
             _FIXED_COLUMNS_JSONB.pack(
                 8,
                 ts_usecs,
                 8,
-                postgres_usecs(server_ts),
+                round((server_ts - POSTGRES_EPOCH) * 1_000_000),
                 8,
                 channel_id,
                 8,
@@ -94,13 +113,13 @@ def encode_row(stream_field: bytes, message: Message) -> bytes:
                 1,
             ),
             raw,
-            _AFTER_PAYLOAD.pack(16, message.identity, 8, partition_usecs),
+            _AFTER_PAYLOAD.pack(16, identity, 8, partition_usecs),
         )
     )
 
 
-def _around_payload(stream_field: bytes, message: Message) -> tuple[bytes, bytes]:
-    """A row's bytes before and after its payload's text."""
+def _around_payload(head: bytes, message: Message, identity: bytes) -> tuple[bytes, bytes]:
+    """A row's bytes before and after its payload's text; `head`: row_head()."""
     ident, ts, server_ts, channel_id, device_id, latitude, longitude, partition_ts = message.columns
     if None in (ts, server_ts, channel_id, device_id, latitude, longitude):
         fixed = b"".join(
@@ -131,14 +150,13 @@ def _around_payload(stream_field: bytes, message: Message) -> tuple[bytes, bytes
         )
     before = b"".join(
         (
-            _FIELD_COUNT,
-            stream_field,
+            head,
             _text(ident),
             fixed,
             _JSONB_HEADER.pack(len(message.raw) + 1, 1),
         )
     )
-    after = b"".join((_HASH_LENGTH, message.identity, _INT8.pack(8, postgres_usecs(partition_ts))))
+    after = b"".join((_HASH_LENGTH, identity, _INT8.pack(8, postgres_usecs(partition_ts))))
     return before, after
 
 
@@ -147,37 +165,9 @@ def stream_field(stream: str) -> bytes:
     return _text(stream)
 
 
-class Distinct:
-    """The identities of the rows a batch's COPY holds so far: a copy of a message within the
-    batch is counted in `repeated`, not sent (it would fail the COPY on the unique key).
-
-    A set up to SMALL identities (the fastest), then an IdentitySet: about 37 bytes an
-    identity instead of 85, which a body of very many tiny messages needs to stay within a
-    few times its size."""
-
-    SMALL = 4096
-
-    def __init__(self) -> None:
-        self.identities: set[bytes] | None = set()
-        self.compact: IdentitySet | None = None
-        self.repeated = 0
-
-    def first(self, identity: bytes) -> bool:
-        """Whether this is the first message of the batch with this identity."""
-        identities = self.identities
-        if identities is not None:
-            if identity in identities:
-                self.repeated += 1
-                return False
-            identities.add(identity)
-            if len(identities) > self.SMALL:
-                self.compact, self.identities = IdentitySet(identities), None
-            return True
-        assert self.compact is not None
-        if self.compact.add(identity):
-            return True
-        self.repeated += 1
-        return False
+def row_head(stream_field: bytes) -> bytes:
+    """What every row of a batch starts with: the field count, then the stream column."""
+    return _FIELD_COUNT + stream_field
 
 
 def row_chunks(
@@ -190,23 +180,69 @@ def row_chunks(
     first is smaller, so that PostgreSQL starts on the first rows at once. A payload larger
     than a chunk is sent in slices of itself, never copied into a row. With `distinct`, a
     message whose identity an earlier one had is left out and counted there."""
+    return element_chunks(stream_field, messages, None, None, fold, distinct)
+
+
+def element_chunks(
+    stream_field: bytes,
+    elements: Iterable[msgspec.Raw | bytes | Message | Rejected],
+    fields: MessageFields | None,
+    rejected: list[Rejected] | None,
+    fold: DeviceFold | None = None,
+    distinct: Distinct | None = None,
+) -> Iterator[bytes | memoryview]:
+    """row_chunks(stream_field, exact_messages(elements, fields, rejected), fold, distinct)
+    in one loop: the same bytes, verdicts and exceptions, without a generator between judging
+    and encoding (half a microsecond a message). `fields` None: the elements are messages
+    with their columns already (row_chunks)."""
+    head = row_head(stream_field)
+    large_names = fields.large_names if fields is not None else None
+    # the identities seen, while Distinct holds them in a set; then its own first()
+    seen = distinct.identities if distinct is not None else None
     parts: list[bytes] = []
     size = 0
     limit = FIRST_CHUNK_SIZE
-    for message in messages:
-        identity = message.identity
-        if distinct is not None and not distinct.first(identity):
+    for element in elements:
+        # as in exact_messages: the usual element is bytes, tested first
+        if type(element) is bytes:
+            message = judge_element(element, large_names)
+        elif isinstance(element, Message | Rejected):
+            message = element
+        else:
+            message = judge_element(bytes(element), large_names)
+        if type(message) is not Message:
+            assert isinstance(message, Rejected)
+            if rejected is None:
+                raise NotExact
+            rejected.append(message)
+            if len(rejected) > MAX_REJECTED_ELEMENTS:
+                raise NotExact  # the body is kept whole: `rejected` says so by its length
             continue
+        if fields is not None:
+            _derive_columns(message, fields)
+        identity = message.identity
+        if distinct is not None:
+            if seen is not None and len(seen) < Distinct.SMALL:
+                # Distinct.first() written out: no conversion to an IdentitySet is due
+                if identity in seen:
+                    distinct.repeated += 1
+                    continue
+                seen.add(identity)
+            elif not distinct.first(identity):
+                continue
+            else:
+                seen = distinct.identities
         if fold is not None:
             fold.add(message, message.columns, identity)
-        if len(message.raw) > CHUNK_SIZE:
-            before, after = _around_payload(stream_field, message)
+        raw = message.raw
+        if len(raw) > CHUNK_SIZE:
+            before, after = _around_payload(head, message, identity)
             parts.append(before)
             yield b"".join(parts)
-            yield from _slices(message.raw)
+            yield from _slices(raw)
             parts, size, limit = [after], len(after), CHUNK_SIZE
             continue
-        row = encode_row(stream_field, message)
+        row = encode_row(head, message, identity)
         parts.append(row)
         size += len(row)
         if size >= limit:
@@ -235,11 +271,15 @@ def rejected_chunks(
 
 def copy_chunks(
     stream: str,
-    messages: Iterable[Message],
+    messages: Iterable[msgspec.Raw | bytes | Message | Rejected],
     fold: DeviceFold | None = None,
     distinct: Distinct | None = None,
+    *,
+    fields: MessageFields | None = None,
+    rejected: list[Rejected] | None = None,
 ) -> Iterator[bytes | memoryview]:
-    """The whole COPY data for `messages`: header, rows in chunks, trailer."""
+    """The whole COPY data for `messages`: header, rows in chunks, trailer. With `fields`,
+    `messages` are a batch's elements, judged as they are encoded (element_chunks)."""
     yield HEADER
-    yield from row_chunks(stream_field(stream), messages, fold, distinct)
+    yield from element_chunks(stream_field(stream), messages, fields, rejected, fold, distinct)
     yield TRAILER

@@ -4,7 +4,7 @@ A Python set of bytes costs about 85 bytes per identity (the bytes object and it
 body of very many tiny messages that is as much as the body itself. Here the identities sit
 one after another in one bytearray, and an open-addressing table of 4-byte positions finds
 them: membership is decided by comparing the whole identity, so two identities that share
-their first bytes are still two.
+their first bytes are still two. Distinct: the identities of a batch's COPY rows so far.
 """
 
 from __future__ import annotations
@@ -68,3 +68,36 @@ class IdentitySet:
             while slots[slot]:
                 slot = (slot + 1) & mask
             slots[slot] = position
+
+
+class Distinct:
+    """The identities of the rows a batch's COPY holds so far: a copy of a message within the
+    batch is counted in `repeated`, not sent (it would fail the COPY on the unique key).
+
+    A set up to SMALL identities (the fastest), then an IdentitySet: about 37 bytes an
+    identity instead of 85, which a body of very many tiny messages needs to stay within a
+    few times its size."""
+
+    SMALL = 4096
+
+    def __init__(self) -> None:
+        self.identities: set[bytes] | None = set()
+        self.compact: IdentitySet | None = None
+        self.repeated = 0
+
+    def first(self, identity: bytes) -> bool:
+        """Whether this is the first message of the batch with this identity."""
+        identities = self.identities
+        if identities is not None:
+            if identity in identities:
+                self.repeated += 1
+                return False
+            identities.add(identity)
+            if len(identities) > self.SMALL:
+                self.compact, self.identities = IdentitySet(identities), None
+            return True
+        assert self.compact is not None
+        if self.compact.add(identity):
+            return True
+        self.repeated += 1
+        return False

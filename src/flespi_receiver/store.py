@@ -18,9 +18,8 @@ from flespi_receiver.body import BodyReader
 from flespi_receiver.copy_format import (
     HEADER,
     TRAILER,
-    Distinct,
     copy_chunks,
-    row_chunks,
+    element_chunks,
     stream_field,
 )
 from flespi_receiver.copy_in import (
@@ -46,6 +45,7 @@ from flespi_receiver.errors import BatchRejected, BodyError
 from flespi_receiver.failures import DatabaseState, shared_kind, state_kind
 from flespi_receiver.fields import DEFAULT_FIELDS, MessageFields
 from flespi_receiver.finishing import Finishing
+from flespi_receiver.identity_set import Distinct
 from flespi_receiver.json_scan import split_array
 from flespi_receiver.messages import (
     MAX_REJECTED_ELEMENTS,
@@ -263,9 +263,9 @@ async def _store_optimistically(
     set_aside: list[Rejected] | None = [] if quarantine else None
     if len(elements) > SMALL_BATCH:
         fold = DeviceFold(effects.merge)
-        messages = exact_messages(elements, fields, set_aside)
         distinct = Distinct()
-        copy_data = as_async(copy_chunks(stream, messages, fold, distinct))
+        chunks = copy_chunks(stream, elements, fold, distinct, fields=fields, rejected=set_aside)
+        copy_data = as_async(chunks)
         stored = await _copy_optimistically(
             conn, stream, copy_data, fold, effects, rejected=set_aside
         )
@@ -376,13 +376,13 @@ async def _streamed_rows(
     async for data in body.chunks():
         elements = await split.piece(body, splitter, data, fold.held_devices, fields)
         async for part in in_turns(elements):
-            for chunk in row_chunks(field, exact_messages(part, fields, rejected), fold, distinct):
+            for chunk in element_chunks(field, part, fields, rejected, fold, distinct):
                 yield chunk
     # the rest, split whole (in a thread when it is large: maybe by the slower scanner)
     large = splitter.pending > THREADED_DECODE
     ends = await asyncio.to_thread(splitter.finish) if large else splitter.finish()
-    last = exact_messages(await judged_large_apart(ends, fields), fields, rejected)
-    for chunk in row_chunks(field, last, fold, distinct):
+    last = await judged_large_apart(ends, fields)
+    for chunk in element_chunks(field, last, fields, rejected, fold, distinct):
         yield chunk
     yield TRAILER
 
