@@ -2,7 +2,8 @@
 
 asyncpg's own COPY encoder sends its first bytes only after half a megabyte of rows; encoding
 here lets PostgreSQL start on the first rows of a batch while later ones are still being
-checked and encoded, which is most of the gain of the optimistic path.
+checked and encoded, which is most of the gain of the optimistic path. element_chunks judges
+a batch's elements (messages.judge_element) in the same loop as it encodes them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from flespi_receiver.messages import (
     MAX_REJECTED_ELEMENTS,
     Message,
     Rejected,
-    _derive_columns,
+    _derive_columns,  # exact_messages' own step: both ways derive the columns alike
     judge_element,
 )
 from flespi_receiver.splitter import NotExact
