@@ -65,6 +65,7 @@ async def test_trigger_follows_the_settings(
     # the defaults: device state kept again, and the trigger is back for other sessions
     await apply_migrations(make_settings(), database_url)
     assert await db.fetchval(HAS_TRIGGER)
+    assert (await state(db))["ts"].timestamp() == 20  # caught up with what came while off
     client = await receiver()
     await send(client, message("A", 30))
     assert (await state(db))["ts"].timestamp() == 30
@@ -87,3 +88,28 @@ async def test_an_unchanged_setting_leaves_the_trigger_alone(
         await db.fetchval("SELECT oid FROM pg_trigger WHERE tgname = 'messages_keep_device_state'")
         == oid
     )
+
+
+async def test_device_state_switched_back_on_catches_up_with_the_messages_stored_meanwhile(
+    make_settings: SettingsFactory,
+    receiver: ClientFactory,
+    db: asyncpg.Connection,
+    database_url: str,
+) -> None:
+    client = await receiver()
+    await send(client, message("A", 1, tag="on"), message("B", 1, tag="on"))
+    await client.close()
+    off = "device_state = false"
+    await apply_migrations(make_settings(database=off), database_url)
+    client = await receiver(database=off)
+    await send(client, message("A", 5, tag="off"), message("C", 5, tag="off"))
+    await client.close()
+
+    await apply_migrations(make_settings(), database_url)  # as `serve` starts
+    client = await receiver()
+    await send(client, message("A", 3, tag="late"), message("C", 2, tag="late"))
+    tags = {
+        row["ident"]: (row["ts"].timestamp(), orjson.loads(row["payload"])["tag"])
+        for row in await db.fetch("SELECT * FROM device_state")
+    }
+    assert tags == {"A": (5, "off"), "B": (1, "on"), "C": (5, "off")}

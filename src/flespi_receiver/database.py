@@ -12,7 +12,7 @@ import structlog
 
 from flespi_receiver.columns import apply_columns
 from flespi_receiver.config import Settings
-from flespi_receiver.device_state import apply_state_mode
+from flespi_receiver.device_state import apply_state_mode, catch_up_states
 from flespi_receiver.errors import CommandFailed
 from flespi_receiver.identity_upgrade import apply_identities
 from flespi_receiver.migrate import migrate
@@ -108,7 +108,10 @@ async def apply_migrations(settings: Settings, dsn: str) -> None:
         await ensure_partitioned(conn, settings.partitioning)
         await maintain(conn, settings.partitioning)
         await apply_columns(conn, settings.columns)
-        await apply_trigger(conn, settings.database)
+        if await apply_trigger(conn, settings.database) == "created":
+            # the trigger was dropped: device_state was off, messages came without it
+            caught_up = await catch_up_states(conn)
+            log.info("device states caught up with the messages stored", states=caught_up)
         if turned := await apply_state_mode(conn, settings.database):
             log.info("device states kept in merge mode turned to latest mode", states=turned)
     finally:

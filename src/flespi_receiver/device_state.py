@@ -160,6 +160,32 @@ WHERE d.parameter_orders IS NOT NULL
 """
 
 
+# device_state switched back on: messages stored while it was off (no trigger, no fold) may be
+# later than a state, or of a device without one. Every device's latest message is looked for
+# once, as LATEST_OF_TRANSACTION orders them; a state that moves becomes a latest-mode one.
+LATEST_OF_MESSAGES = """
+INSERT INTO device_latest AS s (stream, ident, ts, message_hash, partition_ts)
+SELECT DISTINCT ON (stream, ident) stream, ident, ts, message_hash, partition_ts
+FROM messages
+WHERE ident IS NOT NULL
+ORDER BY stream, ident, ts DESC NULLS LAST, message_hash DESC
+ON CONFLICT (stream, ident) DO UPDATE
+SET ts = excluded.ts, message_hash = excluded.message_hash,
+    partition_ts = excluded.partition_ts, updated_at = now(), payload = NULL,
+    latitude = NULL, longitude = NULL, message_id = NULL, received_at = NULL,
+    parameter_orders = NULL, parameter_keys = NULL, latitude_order = NULL,
+    longitude_order = NULL
+WHERE is_later(excluded.ts, excluded.message_hash, s.ts, s.message_hash)
+"""
+
+
+async def catch_up_states(conn: asyncpg.Connection | PoolConnectionProxy) -> int:
+    """After device_state was off: every device's state from the messages stored
+    (LATEST_OF_MESSAGES); how many states were made or moved. Reads all of messages once."""
+    status = await conn.execute(LATEST_OF_MESSAGES)
+    return int(status.rsplit(" ", 1)[1])
+
+
 async def apply_state_mode(
     conn: asyncpg.Connection | PoolConnectionProxy, db: DatabaseSettings
 ) -> int:
