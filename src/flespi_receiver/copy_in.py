@@ -88,6 +88,11 @@ async def copy_rows(
     status = await conn.copy_to_table(
         "messages", source=source, columns=MESSAGE_COLUMNS, format="binary", timeout=limit
     )
+    return row_count(status)
+
+
+def row_count(status: str) -> int:
+    """The rows a command's status tag counts ("COPY 5", "UPDATE 3", "INSERT 0 7")."""
     return int(status.rsplit(" ", 1)[1])
 
 

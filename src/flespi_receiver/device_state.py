@@ -16,6 +16,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from flespi_receiver.config import DatabaseSettings
+from flespi_receiver.copy_in import row_count
 from flespi_receiver.device_fold import (
     LATEST_OF_TRANSACTION,
     MERGED_OF_TRANSACTION,
@@ -148,22 +149,24 @@ WHERE d.message_id IS NULL
 # Merge mode switched off: the states it kept show their latest message again, as latest mode
 # keeps them; without this they showed the merged payload and position until the device's next
 # later message. A state whose message is gone (retention) keeps what it holds.
-LATEST_MODE_STATES = """
+# what a state holds besides its pointer, let go: the view shows its latest message
+_POINTER_ONLY = """payload = NULL, latitude = NULL, longitude = NULL, message_id = NULL,
+    received_at = NULL, parameter_orders = NULL, parameter_keys = NULL, latitude_order = NULL,
+    longitude_order = NULL, updated_at = now()"""
+LATEST_MODE_STATES = f"""
 UPDATE device_latest AS d
-SET payload = NULL, latitude = NULL, longitude = NULL, message_id = NULL, received_at = NULL,
-    parameter_orders = NULL, parameter_keys = NULL, latitude_order = NULL,
-    longitude_order = NULL, updated_at = now()
+SET {_POINTER_ONLY}
 WHERE d.parameter_orders IS NOT NULL
   AND EXISTS (SELECT FROM messages AS m
               WHERE m.stream = d.stream AND m.partition_ts = d.partition_ts
                 AND m.message_hash = d.message_hash)
-"""
+"""  # noqa: S608 (only constants go into the text)
 
 
 # device_state switched back on: messages stored while it was off (no trigger, no fold) may be
 # later than a state, or of a device without one. Every device's latest message is looked for
 # once, as LATEST_OF_TRANSACTION orders them; a state that moves becomes a latest-mode one.
-LATEST_OF_MESSAGES = """
+LATEST_OF_MESSAGES = f"""
 INSERT INTO device_latest AS s (stream, ident, ts, message_hash, partition_ts)
 SELECT DISTINCT ON (stream, ident) stream, ident, ts, message_hash, partition_ts
 FROM messages
@@ -171,19 +174,15 @@ WHERE ident IS NOT NULL
 ORDER BY stream, ident, ts DESC NULLS LAST, message_hash DESC
 ON CONFLICT (stream, ident) DO UPDATE
 SET ts = excluded.ts, message_hash = excluded.message_hash,
-    partition_ts = excluded.partition_ts, updated_at = now(), payload = NULL,
-    latitude = NULL, longitude = NULL, message_id = NULL, received_at = NULL,
-    parameter_orders = NULL, parameter_keys = NULL, latitude_order = NULL,
-    longitude_order = NULL
+    partition_ts = excluded.partition_ts, {_POINTER_ONLY}
 WHERE is_later(excluded.ts, excluded.message_hash, s.ts, s.message_hash)
-"""
+"""  # noqa: S608 (only constants go into the text)
 
 
 async def catch_up_states(conn: asyncpg.Connection | PoolConnectionProxy) -> int:
     """After device_state was off: every device's state from the messages stored
     (LATEST_OF_MESSAGES); how many states were made or moved. Reads all of messages once."""
-    status = await conn.execute(LATEST_OF_MESSAGES)
-    return int(status.rsplit(" ", 1)[1])
+    return row_count(await conn.execute(LATEST_OF_MESSAGES))
 
 
 async def apply_state_mode(
@@ -194,8 +193,7 @@ async def apply_state_mode(
     one the first time its device sends a message, starting from that state's message."""
     if not db.device_state or db.device_state_merge:
         return 0
-    status = await conn.execute(LATEST_MODE_STATES)
-    return int(status.rsplit(" ", 1)[1])
+    return row_count(await conn.execute(LATEST_MODE_STATES))
 
 
 def small_batch_statement(
