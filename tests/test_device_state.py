@@ -144,6 +144,62 @@ async def test_state_does_not_depend_on_batches_order_or_receivers(
     assert await stored_state(db) == expected_state(items, merge)
 
 
+# every message with the same parameters (a fleet whose trackers send the same set each time):
+# merge mode then mostly moves each state to the batch's latest message, and leaves a state
+# that is there already at once; an invalid latitude (91) in a latest message keeps an older
+# valid one
+same_parameters = st.lists(
+    st.builds(
+        lambda ident, ts, a, latitude, longitude: {
+            "ident": ident,
+            "pad": PAD,
+            "a": a,
+            "position.latitude": latitude,
+            "position.longitude": longitude,
+            **ts,
+        },
+        st.sampled_from(["A", "B", "C"]),
+        st.sampled_from([{}, {"timestamp": 100}, {"timestamp": 101}, {"timestamp": 102.5}]),
+        st.integers(0, 3),
+        st.sampled_from([0, 1, None, 91]),
+        st.sampled_from([0, 1, None]),
+    ),
+    min_size=1,
+    max_size=90,
+)
+
+
+@pytest.mark.parametrize("receivers", [1, 2])
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(items=same_parameters, data=st.data())
+async def test_merged_state_of_messages_with_the_same_parameters_does_not_depend_on_batches(
+    receiver: ClientFactory,
+    db: asyncpg.Connection,
+    receivers: int,
+    items: list[dict[str, Any]],
+    data: st.DataObject,
+) -> None:
+    await db.execute("TRUNCATE messages, device_latest")
+    sent = data.draw(st.permutations(items))
+    cuts = sorted(
+        data.draw(st.sets(st.integers(1, len(sent) - 1), max_size=4)) if len(sent) > 1 else []
+    )
+    batches = [sent[a:b] for a, b in zip([0, *cuts], [*cuts, len(sent)], strict=True)]
+    clients = [await receiver(database=MERGE) for _ in range(receivers)]
+    try:
+        await deliver(clients, batches)
+        # again, whole and in the order sent: every state is at its latest message already
+        await deliver(clients, [sent])
+    finally:
+        for client in clients:
+            await client.close()
+    assert await stored_state(db) == expected_state(items, merge=True)
+
+
 async def test_merge_does_not_go_backwards_when_a_batch_mixes_old_and_new(
     receiver: ClientFactory, db: asyncpg.Connection
 ) -> None:
@@ -168,6 +224,27 @@ async def test_merge_does_not_go_backwards_when_a_batch_mixes_old_and_new(
     }
     assert (merged["latitude"], merged["longitude"]) == (10, 20)
     assert merged["ts"].timestamp() == 1764000200
+
+
+async def test_merge_takes_a_later_position_for_a_state_already_at_the_latest_message(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    """The state is at M, whose latitude is not one (91), with the latitude of an earlier X; a
+    batch then brings M again with Y, between X and M, whose latitude is valid: Y's is the
+    last known latitude, though the state stays at M."""
+    client = await receiver(database=MERGE)
+
+    def located(ts: int, latitude: float) -> dict[str, Any]:
+        return message("dev", ts, a=ts, **{"position.latitude": latitude, "position.longitude": 1})
+
+    x, y, m = located(1764000100, 10), located(1764000150, 20), located(1764000200, 91)
+    await send(client, x, m)
+    assert (await state(db, "dev"))["latitude"] == 10
+    await send(client, y, m)
+    merged = await state(db, "dev")
+    assert merged["ts"].timestamp() == 1764000200
+    assert merged["latitude"] == 20
+    assert orjson.loads(merged["payload"])["position.latitude"] == 91
 
 
 async def notifications(database_url: str) -> tuple[asyncpg.Connection, asyncio.Queue[Any]]:

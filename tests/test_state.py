@@ -34,6 +34,34 @@ async def test_state_is_the_latest_by_device_time_not_arrival(
     assert await db.fetchval("SELECT count(*) FROM device_state") == 1 + filler
 
 
+@pytest.mark.parametrize("filler", [0, 80], ids=["small-batch", "copy-batch"])
+@pytest.mark.parametrize("mode", ["", "device_state_merge = true"], ids=["latest", "merge"])
+async def test_state_keeps_the_stored_time_to_the_microsecond(
+    receiver: ClientFactory, db: asyncpg.Connection, filler: int, mode: str
+) -> None:
+    """The state's time and partition time are the stored message's, whichever side of
+    2000-01-01 (the receiver sends microseconds since then) and of a second it falls."""
+    client = await receiver(database=mode)
+    times = [
+        946684799.999999,
+        946684800.000001,
+        100.000001,
+        -86400.5,
+        1764000000.123456,
+        4102444800.654321,
+    ]
+    items = [message(f"t{n}", ts) for n, ts in enumerate(times)]
+    await send(client, *items, *(message(f"other{i}", 1000 + i) for i in range(filler)))
+    rows = await db.fetch(
+        "SELECT d.ident, d.ts = m.ts AS same_time, d.partition_ts = m.partition_ts AS same_part "
+        "FROM device_latest d JOIN messages m USING (stream, message_hash) "
+        "WHERE d.ident LIKE 't%' ORDER BY d.ident"
+    )
+    assert [(r["ident"], r["same_time"], r["same_part"]) for r in rows] == [
+        (f"t{n}", True, True) for n in range(len(times))
+    ]
+
+
 TWO_STREAMS = streams_toml(
     ("main", "/flespi", "Bearer test-token"), ("other", "/other", "Bearer test-token")
 )

@@ -110,6 +110,16 @@ _Key = tuple[float, bytes]
 _NEG_INF = float("-inf")
 
 
+def json_column(values: list[Any]) -> str | None:
+    """One argument column as a JSON array; None (SQL NULL) when every value is None, which
+    PostgreSQL reads as an empty array and unnest() pads with NULLs: the same rows, without
+    reading a thousand nulls (partition times equal to the times, payloads that are the
+    latest message's own: most often)."""
+    if all(value is None for value in values):
+        return None
+    return orjson.dumps(values).decode()
+
+
 @dataclass(slots=True)
 class DeviceFold:
     """A batch folded per device, as messages are stored: the latest message of each device
@@ -177,21 +187,17 @@ class DeviceFold:
         so that receivers lock rows in one order) as a JSON array, times as a JSON array of
         microseconds since 2000-01-01 UTC (null: none), the identities side by side in one
         bytes (IDENTITY_SIZE each), partition times as the times (null where equal to the
-        time: most often). One text or bytes per column, not a list: asyncpg encodes an array
-        parameter at about a microsecond an element."""
+        time: most often; NULL when all are). One text or bytes per column, not a list:
+        asyncpg encodes an array parameter at about a microsecond an element."""
         idents = sorted(self.latest)
         rows = [self.latest[ident] for ident in idents]
         hashes = b"".join([row[2] for row in rows])
         assert len(hashes) == IDENTITY_SIZE * len(rows)
         return [
-            orjson.dumps(idents).decode(),
-            orjson.dumps(
-                [None if row[1] is None else postgres_usecs(row[1]) for row in rows]
-            ).decode(),
+            json_column(idents),
+            json_column([None if row[1] is None else postgres_usecs(row[1]) for row in rows]),
             hashes,
-            orjson.dumps(
-                [None if row[1] == row[3] else postgres_usecs(row[3]) for row in rows]
-            ).decode(),
+            json_column([None if row[1] == row[3] else postgres_usecs(row[3]) for row in rows]),
         ]
 
     def merged_arguments(self, with_payloads: bool = False) -> list[Any]:
@@ -257,6 +263,6 @@ class DeviceFold:
         # identities (IDENTITY_SIZE bytes) and digests (SHA-256, 32 bytes): one bytes each
         packed = {2: b"".join(arrays[2]), 7: b"".join(arrays[7])}
         return [
-            packed[number] if number in packed else orjson.dumps(array).decode()
+            packed[number] if number in packed else json_column(array)
             for number, array in enumerate(arrays)
         ]

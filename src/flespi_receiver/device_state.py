@@ -30,63 +30,27 @@ __all__ = ["DeviceFold", "parameter_keys", "state_order"]
 
 # The statement a batch ends with, in parts: $1 stream, then the state's arrays, then NOTIFY's.
 
-# keep_latest()'s and keep_merged()'s arrays made by PostgreSQL from one parameter each
-# (DeviceFold.latest_arguments, merged_arguments): asyncpg encodes an array parameter at about a
-# microsecond an element, so the four arrays of 1000 devices took 1.7 ms of the receiver's CPU
-# and 3.0 ms of the statement (merge mode's twelve: 10.7 ms); a JSON array or one bytea each,
-# 0.3 and 1.0 ms. Each array in the order of its parameter's elements (WITH ORDINALITY); "${}"
-# is the parameter.
-_TEXTS = (
-    "ARRAY(SELECT v FROM json_array_elements_text(${}::json) WITH ORDINALITY AS t(v, n) ORDER BY n)"
-)
-_JSONBS = (
-    "ARRAY(SELECT v::jsonb FROM json_array_elements_text(${}::json) WITH ORDINALITY AS t(v, n) "
-    "ORDER BY n)"
-)
-_FLOATS = (
-    "ARRAY(SELECT v::float8 FROM json_array_elements_text(${}::json) WITH ORDINALITY AS t(v, n) "
-    "ORDER BY n)"
-)
-# timestamptz made exactly from microseconds since 2000-01-01 UTC (postgres_usecs), whatever the
-# session's time zone
-_TIMES = (
-    "ARRAY(SELECT timestamptz '2000-01-01 00:00:00+00' "
-    "+ (u::int8 / 1000000) * interval '1 second' + (u::int8 % 1000000) * interval '1 microsecond' "
-    "FROM json_array_elements_text(${}::json) WITH ORDINALITY AS t(u, n) ORDER BY n)"
-)
-# values of SIZE bytes side by side: identities (16), parameter_keys() digests (32)
-_BYTES = (
-    "ARRAY(SELECT substring(${}::bytea FROM n * SIZE + 1 FOR SIZE) "
-    "FROM generate_series(0, length(${}::bytea) / SIZE - 1) AS n ORDER BY n)"
-)
-_IDENTITIES = _BYTES.replace("SIZE", "16")
-_DIGESTS = _BYTES.replace("SIZE", "32")
+# keep_latest() and keep_merged() read their columns as DeviceFold.latest_arguments and
+# merged_arguments send them (schema/0014_..., 0015_...): each one JSON array, but the
+# identities and the parameters' digests, one bytea each. asyncpg encodes an array parameter at
+# about a microsecond an element, and PostgreSQL making arrays of JSON arrays took 1.8 ms of the
+# statement for 1000 devices (merge mode's twelve: several ms more). {0}, {1}... stand for the
+# parameters' numbers (str.format).
+_JSON, _BYTEA = "::json", "::bytea"
 
 
-def _call(function: str, arrays: tuple[str, ...]) -> str:
-    """`function($1, ...)` with an array made from each parameter: {0}, {1}, ... (numbered by
-    str.format) stand for the parameters' numbers."""
-    made = (array.replace("{}", f"{{{number}}}") for number, array in enumerate(arrays))
+def _call(function: str, types: tuple[str, ...]) -> str:
+    made = (f"${{{number}}}{cast}" for number, cast in enumerate(types))
     return f"{function}($1, {', '.join(made)})"
 
 
-KEEP_LATEST = _call("keep_latest", (_TEXTS, _TIMES, _IDENTITIES, _TIMES))
+# idents, times (microseconds since 2000-01-01 UTC), identities, partition times (null: the
+# time; NULL: all are)
+KEEP_LATEST = _call("keep_latest", (_JSON, _JSON, _BYTEA, _JSON))
+# the same four, then the oldest orders, payloads, orders, parameter keys (digests), latitudes,
+# their orders, longitudes, their orders
 KEEP_MERGED = _call(
-    "keep_merged",
-    (
-        _TEXTS,  # idents
-        _TIMES,  # times
-        _IDENTITIES,
-        _TIMES,  # partition times (NULL: the time)
-        _TEXTS,  # oldest orders
-        _JSONBS,  # payloads
-        _JSONBS,  # orders
-        _DIGESTS,  # parameter keys
-        _FLOATS,  # latitudes
-        _TEXTS,  # their orders
-        _FLOATS,  # longitudes
-        _TEXTS,  # their orders
-    ),
+    "keep_merged", (_JSON,) * 2 + (_BYTEA,) + (_JSON,) * 4 + (_BYTEA,) + (_JSON,) * 4
 )
 # the same, for a batch PostgreSQL folds (device_fold.MERGED_OF_TRANSACTION, as f)
 KEEP_MERGED_FOLDED = (
