@@ -10,7 +10,10 @@
 -- orders and the other rows' conditions. The general UPDATE now also leaves at once a state
 -- that already points at the batch's latest message, when the batch has nothing older and no
 -- later position: nothing in it would change such a state (the states just moved, and a
--- batch sent again). For 1000 devices a batch, the whole statement: 25 ms, now 5.
+-- batch sent again). For 1000 devices a batch, every one moving, PostgreSQL 15, the whole
+-- statement, the previous function and this one alternating batch by batch on one database:
+-- 25.5 -> 19.1 ms (the benchmark's messages stored as the receiver stores them), 12.9 -> 9.8 ms
+-- (the statement alone, no messages to read).
 -- keep_merged() is otherwise as 0012_merge_new_devices.sql made it; keep_merged() on arrays
 -- (the batches PostgreSQL folds itself, and receivers of the previous version while they are
 -- being upgraded) hands them over as such.
