@@ -62,6 +62,53 @@ async def test_state_keeps_the_stored_time_to_the_microsecond(
     ]
 
 
+@pytest.mark.parametrize("filler", [0, 80], ids=["small-batch", "copy-batch"])
+async def test_merge_keeps_every_value_as_it_was_sent(
+    receiver: ClientFactory, db: asyncpg.Connection, filler: int
+) -> None:
+    """Numbers beyond a double (an integer of 23 digits, a decimal of 34) and a decimal's
+    trailing zero stay as sent in the merged state, whichever batch brings them and whether
+    they come from the latest message or an earlier one."""
+    client = await receiver(database="device_state_merge = true")
+    batches = 0
+    pad = b"x" * 1100  # 60 messages or more: a body stored as it arrives, by COPY
+
+    async def post(*texts: bytes) -> None:
+        nonlocal batches
+        batches += 1
+        others = [
+            b'{"ident":"other%d","timestamp":%d,"pad":"%s"}' % (i, 1000 * batches + i, pad)
+            for i in range(filler)
+        ]
+        reply = await client.post(
+            "/flespi", data=b"[" + b",".join([*texts, *others]) + b"]", headers=AUTH
+        )
+        assert reply.status == 200, await reply.text()
+
+    await post(b'{"ident":"x","timestamp":1764000000,"a":1,"d":0.30}')
+    await post(
+        b'{"ident":"x","timestamp":1764000001,"a":12345678901234567890123,'
+        b'"b":0.1000000000000000055511151231257827,"c":1.50}'
+    )
+    # e comes from an earlier message of the batch than its latest, which lacks it
+    await post(
+        b'{"ident":"x","timestamp":1764000002,"e":-98765432109876543210.5}',
+        b'{"ident":"x","timestamp":1764000003,"z":1}',
+    )
+    values = await db.fetchrow(
+        "SELECT payload->>'a' AS a, payload->>'b' AS b, payload->>'c' AS c, payload->>'d' AS d, "
+        "payload->>'e' AS e, payload->>'z' AS z FROM device_state WHERE ident = 'x'"
+    )
+    assert dict(values) == {
+        "a": "12345678901234567890123",
+        "b": "0.1000000000000000055511151231257827",
+        "c": "1.50",
+        "d": "0.30",
+        "e": "-98765432109876543210.5",
+        "z": "1",
+    }
+
+
 TWO_STREAMS = streams_toml(
     ("main", "/flespi", "Bearer test-token"), ("other", "/other", "Bearer test-token")
 )

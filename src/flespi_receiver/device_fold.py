@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+import msgspec
 
 from flespi_receiver.fields import POSTGRES_EPOCH, postgres_usecs
 from flespi_receiver.identity import IDENTITY_SIZE
@@ -110,6 +110,18 @@ _Key = tuple[float, bytes]
 _NEG_INF = float("-inf")
 
 
+# numbers read as the text they were sent as (msgspec.Raw), integers of any size as Python's
+_EXACT = msgspec.json.Decoder(float_hook=msgspec.Raw)
+
+
+def exact_parameters(raw: bytes) -> dict[str, Any]:
+    """A message's parameters with every number as it was sent: written back by json_column,
+    a merged payload holds 12345678901234567890123, 0.1000000000000000055511151231257827 and
+    1.50, where orjson would have read doubles (about 1.5 times orjson's time)."""
+    parameters: dict[str, Any] = _EXACT.decode(raw)
+    return parameters
+
+
 def json_column(values: list[Any]) -> str | None:
     """One argument column as a JSON array; None (SQL NULL) when every value is None, which
     PostgreSQL reads as an empty array and unnest() pads with NULLs: the same rows, without
@@ -117,7 +129,7 @@ def json_column(values: list[Any]) -> str | None:
     latest message's own: most often)."""
     if all(value is None for value in values):
         return None
-    return orjson.dumps(values).decode()
+    return msgspec.json.encode(values).decode()
 
 
 @dataclass(slots=True)
@@ -218,7 +230,7 @@ class DeviceFold:
             last_data: dict[str, Any] | None = None
             last_keys = last.keys_digest
             if last_keys is None:
-                last_data = orjson.loads(last.raw)
+                last_data = exact_parameters(last.raw)
                 last_keys = parameter_keys(tuple(last_data))
             values: dict[str, Any] = {}
             # the orders of the parameters that come from an earlier message of the batch
@@ -229,7 +241,7 @@ class DeviceFold:
                 # an earlier message with the latest one's parameters gives none of its own
                 # (most often): its text is read again only when they differ
                 if message is not last and message.keys_digest != last_keys:
-                    data = orjson.loads(message.raw)
+                    data = exact_parameters(message.raw)
                     values.update(data)
                     orders.update(dict.fromkeys(data, order))
                 if lat is not None:
@@ -238,7 +250,7 @@ class DeviceFold:
                     longitude, longitude_order = lon, order
             if orders or with_payloads:
                 if last_data is None:
-                    last_data = orjson.loads(last.raw)
+                    last_data = exact_parameters(last.raw)
                 values.update(last_data)
                 for name in last_data:
                     orders.pop(name, None)
