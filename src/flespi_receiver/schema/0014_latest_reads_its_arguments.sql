@@ -35,7 +35,7 @@ END;
 CREATE FUNCTION keep_latest(p_stream text, p_idents json, p_times json, p_hashes bytea,
                             p_partition_times json)
 RETURNS integer
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SET search_path FROM CURRENT SET plan_cache_mode = force_custom_plan AS $$
 DECLARE
     moved integer;
     made integer;

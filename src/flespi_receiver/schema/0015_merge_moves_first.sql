@@ -51,7 +51,7 @@ CREATE FUNCTION keep_merged(p_stream text, p_idents json, p_times json, p_hashes
                             p_orders json, p_keys bytea, p_latitudes json,
                             p_latitude_orders json, p_longitudes json,
                             p_longitude_orders json) RETURNS integer
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SET search_path FROM CURRENT SET plan_cache_mode = force_custom_plan AS $$
 DECLARE
     changed integer := 0;
     n integer;
