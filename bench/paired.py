@@ -7,9 +7,11 @@
 `flespi-receiver bench` compares one receiver with COPY and a naive receiver in turns of five
 batches; on a machine shared with other work, the difference between two versions of the
 receiver is smaller than what moves between two runs. Here each `--python` (an interpreter
-whose installed flespi_receiver is the version to measure) serves a stream of its own on one
-database (`flespi_bench_paired`), and the two receivers and a COPY of the same rows take turns
-one batch at a time, the order rotating, so that a busy moment hits them alike. Prints each
+whose installed flespi_receiver is the version to measure) serves a stream of its own on a
+database of its own (`flespi_bench_paired_1`, `_2`, made empty and migrated by that receiver
+at its start: two versions with different schemas each run on their own), COPY goes to
+`flespi_bench_paired`, and the two receivers and the COPY of the same rows take turns one
+batch at a time, the order rotating, so that a busy moment hits them alike. Prints each
 one's median reply, its process's CPU time per batch (all threads), its rate over COPY's per
 round, and the second receiver's rate over the first's. A developer's tool, not installed.
 """
@@ -32,6 +34,7 @@ from flespi_receiver import bench
 from flespi_receiver.bench_spelling import cpu_seconds
 from flespi_receiver.embedded import free_port
 from flespi_receiver.emulator import StreamEmulator, batches_of, encode_messages, sample_messages
+from flespi_receiver.migrate import with_database
 
 COPY = "COPY"
 
@@ -42,15 +45,17 @@ async def run(args: argparse.Namespace) -> None:
     conn = await asyncpg.connect(url, server_settings={"synchronous_commit": "on"})
     names = [f"receiver {n + 1}" for n in range(len(args.python))]
     receivers: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
+    databases: list[asyncpg.Connection] = []
     try:
         with tempfile.TemporaryDirectory() as work:
             for number, (name, python) in enumerate(zip(names, args.python, strict=True)):
                 folder = Path(work) / str(number)
                 folder.mkdir()
                 port = free_port()
+                own = await empty_database(args.database_url, f"flespi_bench_paired_{number + 1}")
                 config = bench.receiver_config(
                     folder,
-                    url,
+                    own,
                     port,
                     512 * 1024 * 1024,
                     args.configuration,
@@ -62,13 +67,27 @@ async def run(args: argparse.Namespace) -> None:
                     command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
                 )
                 receivers[name] = (port, proc)
-                await bench.wait_for_port(port, proc)
-            await take_turns(args, conn, names, receivers)
+                await bench.wait_for_port(port, proc)  # listening: its migrations are done
+                databases.append(await asyncpg.connect(own))
+            await take_turns(args, conn, names, receivers, databases)
     finally:
         for _, proc in receivers.values():
             proc.terminate()
             proc.wait(30)
+        for database in databases:
+            await database.close()
         await conn.close()
+
+
+async def empty_database(admin_url: str, name: str) -> str:
+    """`name` dropped and created empty (a name of this script's own); its URL."""
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    return with_database(admin_url, name)
 
 
 async def take_turns(
@@ -76,6 +95,7 @@ async def take_turns(
     conn: asyncpg.Connection,
     names: list[str],
     receivers: dict[str, tuple[int, subprocess.Popen[bytes]]],
+    databases: list[asyncpg.Connection],
 ) -> None:
     walls: dict[str, list[float]] = {name: [] for name in [*names, COPY]}
     cpus: dict[str, list[float]] = {name: [] for name in names}
@@ -84,6 +104,11 @@ async def take_turns(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
         for number in range(args.rounds):
             await bench.reset_tables(conn)
+            for database in databases:
+                await database.execute(
+                    f"TRUNCATE {bench.SCHEMA}.messages, {bench.SCHEMA}.rejected_messages, "
+                    f"{bench.SCHEMA}.device_latest"
+                )
             messages = sample_messages(args.batches * 1000, seed=number, devices=args.devices)
             encoded = encode_messages(messages)
             batches = list(batches_of(encoded, 1000))
