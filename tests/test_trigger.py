@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 import orjson
@@ -113,3 +114,41 @@ async def test_device_state_switched_back_on_catches_up_with_the_messages_stored
         for row in await db.fetch("SELECT * FROM device_state")
     }
     assert tags == {"A": (5, "off"), "B": (1, "on"), "C": (5, "off")}
+
+
+async def test_merge_mode_switched_back_on_merges_the_messages_stored_meanwhile(
+    make_settings: SettingsFactory,
+    receiver: ClientFactory,
+    db: asyncpg.Connection,
+    database_url: str,
+) -> None:
+    """Merge mode keeps its states' values across device_state off and on: each state takes
+    every later value of the messages stored meanwhile, and a device first seen meanwhile has
+    all of its messages' values."""
+    merge = "device_state_merge = true"
+
+    def at(ident: str, ts: int, latitude: float | None = None, **values: int) -> dict[str, Any]:
+        if latitude is not None:
+            values = {**values, "position.latitude": latitude, "position.longitude": 1}
+        return message(ident, ts, **values)
+
+    client = await receiver(database=merge)
+    await send(client, at("X", 100, latitude=10, a=1))
+    await client.close()
+    off = f"{merge}\ndevice_state = false"
+    await apply_migrations(make_settings(database=off), database_url)
+    client = await receiver(database=off)
+    await send(client, at("X", 101, latitude=20, b=2), at("X", 102, c=3))
+    await send(client, at("Y", 100, latitude=30, c=1), at("Y", 101, d=1))
+    await client.close()
+
+    await apply_migrations(make_settings(database=merge), database_url)  # as `serve` starts
+    states = {r["ident"]: r for r in await db.fetch("SELECT * FROM device_state")}
+    x, y = orjson.loads(states["X"]["payload"]), orjson.loads(states["Y"]["payload"])
+    assert (x["a"], x["b"], x["c"], x["timestamp"], states["X"]["latitude"]) == (1, 2, 3, 102, 20)
+    assert (y["c"], y["d"], y["timestamp"], states["Y"]["latitude"]) == (1, 1, 101, 30)
+    # and merging goes on from there
+    client = await receiver(database=merge)
+    await send(client, at("X", 103, e=5))
+    x = orjson.loads(await db.fetchval("SELECT payload FROM device_state WHERE ident = 'X'"))
+    assert (x["a"], x["b"], x["c"], x["e"]) == (1, 2, 3, 5)

@@ -110,7 +110,7 @@ async def apply_migrations(settings: Settings, dsn: str) -> None:
         await apply_columns(conn, settings.columns)
         if await apply_trigger(conn, settings.database) == "created":
             # the trigger was dropped: device_state was off, messages came without it
-            caught_up = await catch_up_states(conn)
+            caught_up = await catch_up_states(conn, settings.database.device_state_merge)
             log.info("device states caught up with the messages stored", states=caught_up)
         if turned := await apply_state_mode(conn, settings.database):
             log.info("device states kept in merge mode turned to latest mode", states=turned)

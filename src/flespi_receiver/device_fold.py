@@ -44,17 +44,18 @@ FROM (SELECT DISTINCT ON (ident) ident, ts, message_hash, partition_ts
       ORDER BY ident, ts DESC NULLS LAST, message_hash DESC) AS latest
 """
 
-# keep_merged()'s arrays from the same rows, as DeviceFold.merged_arguments() makes them: per
-# device its latest message, and for each parameter that message lacks the value and order
-# of the latest earlier message that has it (the payload then is every parameter's last
-# value, else NULL: the latest message's own), the earliest of those orders, the digest of
-# the parameters' keys, and the last latitude and longitude with their orders.
-MERGED_OF_TRANSACTION = """
+# keep_merged()'s arrays from the rows of stream $1 that ROWS selects (in a fold made below,
+# those this transaction stored), as DeviceFold.merged_arguments() makes them: per device its
+# latest message, and for each parameter that message lacks the value and order of the latest
+# earlier message that has it (the payload then is every parameter's last value, else NULL: the
+# latest message's own), the earliest of those orders, the digest of the parameters' keys, and
+# the last latitude and longitude with their orders.
+_MERGED_FOLD = """
 WITH batch AS (
     SELECT ident, ts, message_hash, partition_ts, payload, latitude, longitude,
            state_order(ts, message_hash) AS o
     FROM messages
-    WHERE xact_id = pg_current_xact_id() AND stream = $1 AND ident IS NOT NULL
+    WHERE ROWS AND stream = $1 AND ident IS NOT NULL
 ), latest AS (
     SELECT DISTINCT ON (ident) ident, ts, message_hash, partition_ts, payload, o
     FROM batch ORDER BY ident, o DESC
@@ -93,6 +94,15 @@ LEFT JOIN folded AS f USING (ident)
 LEFT JOIN latitudes AS a USING (ident)
 LEFT JOIN longitudes AS g USING (ident)
 """
+MERGED_OF_TRANSACTION = _MERGED_FOLD.replace("ROWS", "xact_id = pg_current_xact_id()")
+# after device_state was off: each device's messages stored since its state last changed
+# (received_at is the storing transaction's start, updated_at the one that changed the state),
+# all of them for a device without one; merged into its state, they make it what it would be
+MERGED_OF_MESSAGES = _MERGED_FOLD.replace(
+    "ROWS",
+    "received_at >= coalesce((SELECT d.updated_at FROM device_latest AS d "
+    "WHERE d.stream = $1 AND d.ident = messages.ident), '-infinity')",
+)
 
 
 def state_order(ts: float | None, identity: bytes) -> str:

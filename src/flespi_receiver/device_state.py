@@ -19,6 +19,7 @@ from flespi_receiver.config import DatabaseSettings
 from flespi_receiver.copy_in import row_count
 from flespi_receiver.device_fold import (
     LATEST_OF_TRANSACTION,
+    MERGED_OF_MESSAGES,
     MERGED_OF_TRANSACTION,
     DeviceFold,
     state_order,
@@ -143,10 +144,21 @@ WHERE is_later(excluded.ts, excluded.message_hash, s.ts, s.message_hash)
 """  # noqa: S608 (only constants go into the text)
 
 
-async def catch_up_states(conn: asyncpg.Connection | PoolConnectionProxy) -> int:
+CATCH_UP_MERGED = f"SELECT {KEEP_MERGED_FOLDED} FROM ({MERGED_OF_MESSAGES}) AS f"  # noqa: S608
+
+
+async def catch_up_states(conn: asyncpg.Connection | PoolConnectionProxy, merge: bool) -> int:
     """After device_state was off: every device's state from the messages stored
-    (LATEST_OF_MESSAGES); how many states were made or moved. Reads all of messages once."""
-    return row_count(await conn.execute(LATEST_OF_MESSAGES))
+    (LATEST_OF_MESSAGES); how many states were made or moved. Reads all of messages once.
+    In merge mode (`merge`), each stream's messages stored since each state last changed are
+    folded and merged into it (device_fold.MERGED_OF_MESSAGES, keep_merged()): the state keeps
+    the values it held and takes every later one; one more read of messages per stream."""
+    if not merge:
+        return row_count(await conn.execute(LATEST_OF_MESSAGES))
+    changed = 0
+    for row in await conn.fetch("SELECT DISTINCT stream FROM messages"):
+        changed += await conn.fetchval(CATCH_UP_MERGED, row["stream"])
+    return changed
 
 
 async def apply_state_mode(
