@@ -12,6 +12,7 @@ import pytest
 from flespi_receiver.config import PartitioningSettings
 from flespi_receiver.database import apply_migrations
 from flespi_receiver.partitions import ensure_partitioned
+from flespi_receiver.trigger import apply_trigger, catch_up_pending
 
 from conftest import ClientFactory, SettingsFactory
 from helpers import count, message, send, state
@@ -152,3 +153,33 @@ async def test_merge_mode_switched_back_on_merges_the_messages_stored_meanwhile(
     await send(client, at("X", 103, e=5))
     x = orjson.loads(await db.fetchval("SELECT payload FROM device_state WHERE ident = 'X'"))
     assert (x["a"], x["b"], x["c"], x["e"]) == (1, 2, 3, 5)
+
+
+async def test_a_start_stopped_before_the_catch_up_leaves_it_to_the_next_start(
+    make_settings: SettingsFactory,
+    receiver: ClientFactory,
+    db: asyncpg.Connection,
+    database_url: str,
+) -> None:
+    """A start that made the trigger again and stopped before the catch-up committed (killed,
+    or its catch-up cancelled by a statement_timeout) is caught up by the next start."""
+    client = await receiver()
+    await send(client, message("A", 1, tag="on"))
+    await client.close()
+    off = "device_state = false"
+    await apply_migrations(make_settings(database=off), database_url)
+    client = await receiver(database=off)
+    await send(client, message("A", 5, tag="off"), message("B", 5, tag="off"))
+    await client.close()
+    # the first step of a start, as a start stopped right after it leaves the database
+    await apply_trigger(db, make_settings().database)
+    assert {r["ident"] for r in await db.fetch("SELECT ident FROM device_state")} == {"A"}
+
+    await apply_migrations(make_settings(), database_url)  # the next start
+    tags = {
+        row["ident"]: orjson.loads(row["payload"])["tag"]
+        for row in await db.fetch("SELECT * FROM device_state")
+    }
+    assert tags == {"A": "off", "B": "off"}
+    # caught up once: a later start finds nothing pending
+    assert not await catch_up_pending(db)

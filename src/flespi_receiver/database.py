@@ -17,7 +17,7 @@ from flespi_receiver.errors import CommandFailed
 from flespi_receiver.identity_upgrade import apply_identities
 from flespi_receiver.migrate import migrate
 from flespi_receiver.partitions import ensure_partitioned, maintain
-from flespi_receiver.trigger import apply_trigger
+from flespi_receiver.trigger import CLEAR_CATCHING_UP, apply_trigger, catch_up_pending
 
 if TYPE_CHECKING:
     from flespi_receiver.embedded import EmbeddedPostgres
@@ -108,9 +108,12 @@ async def apply_migrations(settings: Settings, dsn: str) -> None:
         await ensure_partitioned(conn, settings.partitioning)
         await maintain(conn, settings.partitioning)
         await apply_columns(conn, settings.columns)
-        if await apply_trigger(conn, settings.database) == "created":
+        await apply_trigger(conn, settings.database)
+        if settings.database.device_state and await catch_up_pending(conn):
             # the trigger was dropped: device_state was off, messages came without it
-            caught_up = await catch_up_states(conn, settings.database.device_state_merge)
+            async with conn.transaction():
+                caught_up = await catch_up_states(conn, settings.database.device_state_merge)
+                await conn.execute(CLEAR_CATCHING_UP)
             log.info("device states caught up with the messages stored", states=caught_up)
         if turned := await apply_state_mode(conn, settings.database):
             log.info("device states kept in merge mode turned to latest mode", states=turned)

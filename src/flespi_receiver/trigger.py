@@ -35,6 +35,18 @@ CREATE OR REPLACE TRIGGER messages_keep_device_state
     EXECUTE FUNCTION keep_device_state_of_row()
 """
 DROP_TRIGGER = "DROP TRIGGER IF EXISTS messages_keep_device_state ON messages"
+# made with the trigger, in its transaction, and cleared in the transaction of the catch-up
+# that follows (device_state.catch_up_states): a start stopped between the two (a kill, a
+# statement_timeout) leaves the catch-up to the next one, which would otherwise find the
+# trigger in place and never catch up
+CATCHING_UP = "catching up with the messages stored while device_state was off"
+MARK_CATCHING_UP = f"COMMENT ON TRIGGER messages_keep_device_state ON messages IS '{CATCHING_UP}'"
+CLEAR_CATCHING_UP = "COMMENT ON TRIGGER messages_keep_device_state ON messages IS NULL"
+CATCH_UP_PENDING = """
+SELECT coalesce(obj_description(oid, 'pg_trigger') = $1, false) FROM pg_trigger
+WHERE tgname = 'messages_keep_device_state'
+  AND tgrelid = to_regclass(current_schema() || '.messages')
+"""
 
 
 async def apply_trigger(
@@ -44,7 +56,13 @@ async def apply_trigger(
     needed = db.device_state
     if await conn.fetchval(TRIGGER_EXISTS) == needed:
         return None
-    await conn.execute(CREATE_TRIGGER if needed else DROP_TRIGGER)
+    # one query of two statements: one transaction
+    await conn.execute(f"{CREATE_TRIGGER}; {MARK_CATCHING_UP}" if needed else DROP_TRIGGER)
     action: Literal["created", "dropped"] = "created" if needed else "dropped"
     log.info(f"trigger on messages {action}", device_state=db.device_state)
     return action
+
+
+async def catch_up_pending(conn: Connection) -> bool:
+    """Whether the trigger was made again and the catch-up that follows has not committed."""
+    return bool(await conn.fetchval(CATCH_UP_PENDING, CATCHING_UP))
