@@ -31,9 +31,10 @@ __all__ = ["DeviceFold", "parameter_keys", "state_order"]
 
 # The statement a batch ends with, in parts: $1 stream, then the state's arrays, then NOTIFY's.
 
-# keep_latest() and keep_merged() read their columns as DeviceFold.latest_arguments and
-# merged_arguments send them (schema/0014_..., 0015_...): each one JSON array, but the
-# identities and the parameters' digests, one bytea each. asyncpg encodes an array parameter at
+# keep_batch_latest() and keep_batch_merged() (keep_latest() and keep_merged(), planned at each
+# call) read their columns as DeviceFold.latest_arguments and merged_arguments send them
+# (schema/0014_..., 0015_...): each one JSON array, but the identities and the parameters'
+# digests, one bytea each. asyncpg encodes an array parameter at
 # about a microsecond an element, and PostgreSQL making arrays of JSON arrays before the call
 # took 1.8 ms for the four columns of 1000 devices (reading them row by row: 0.8). {0}, {1}...
 # stand for the parameters' numbers (str.format).
@@ -47,11 +48,11 @@ def _call(function: str, types: tuple[str, ...]) -> str:
 
 # idents, times (microseconds since 2000-01-01 UTC), identities, partition times (null: the
 # time; NULL: all are)
-KEEP_LATEST = _call("keep_latest", (_JSON, _JSON, _BYTEA, _JSON))
+KEEP_LATEST = _call("keep_batch_latest", (_JSON, _JSON, _BYTEA, _JSON))
 # the same four, then the oldest orders, payloads, orders, parameter keys (digests), latitudes,
 # their orders, longitudes, their orders
 KEEP_MERGED = _call(
-    "keep_merged", (_JSON,) * 2 + (_BYTEA,) + (_JSON,) * 4 + (_BYTEA,) + (_JSON,) * 4
+    "keep_batch_merged", (_JSON,) * 2 + (_BYTEA,) + (_JSON,) * 4 + (_BYTEA,) + (_JSON,) * 4
 )
 # the same, for a batch PostgreSQL folds (device_fold.MERGED_OF_TRANSACTION, as f)
 KEEP_MERGED_FOLDED = (

@@ -4,8 +4,9 @@
 -- each first (an ARRAY sub-select per column, then unnest()): reading them took 1.8 ms of
 -- PostgreSQL's time for 1000 devices, now 0.8 (the whole statement, the previous function and
 -- this one alternating in one session, every device moving: 7.3 -> 6.6 ms). keep_latest() on
--- arrays (the batches PostgreSQL folds itself, and receivers of the previous version while
--- they are being upgraded) hands them over as such.
+-- arrays stays as 0013_latest_new_devices.sql made it, for the trigger's one-row calls (its
+-- arrays cost nothing to make there), the batches PostgreSQL folds itself, and receivers of the
+-- previous version while they are being upgraded.
 
 -- the time `usecs` microseconds after 2000-01-01 UTC, exactly (whole seconds and microseconds
 -- apart: an interval times a number is a double), whatever the session's time zone. STABLE as
@@ -32,14 +33,10 @@ BEGIN ATOMIC
          WITH ORDINALITY AS d(ident, usecs, partition_usecs, n);
 END;
 
--- Its statements are planned at each call (plan_cache_mode), about 0.3 ms: PostgreSQL keeps a
--- function's plan once it has run a few times, and a plan made while device_latest was empty
--- (a new database, a TRUNCATE) reads every state for each device of the batch, which for 1000
--- devices took a second a batch, until the table was next analyzed.
 CREATE FUNCTION keep_latest(p_stream text, p_idents json, p_times json, p_hashes bytea,
                             p_partition_times json)
 RETURNS integer
-LANGUAGE plpgsql SET search_path FROM CURRENT SET plan_cache_mode = force_custom_plan AS $$
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     moved integer;
     made integer;
@@ -76,21 +73,14 @@ BEGIN
 END
 $$;
 
--- microseconds since 2000-01-01 UTC of a time, exactly (time_of_usecs() undone)
-CREATE FUNCTION usecs_of_time(ts timestamptz) RETURNS bigint
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN (extract(epoch FROM ts - timestamptz '2000-01-01 00:00:00+00') * 1000000)::bigint;
-
-CREATE OR REPLACE FUNCTION keep_latest(p_stream text, p_idents text[], p_ts timestamptz[],
-                                       p_hashes bytea[], p_partition_ts timestamptz[])
+-- The receiver's call for a batch: keep_latest() with its statements planned at each call
+-- (plan_cache_mode), about 0.3 ms. PostgreSQL keeps a function's plan once it has run a few
+-- times, and a plan made while device_latest was empty (a new database, a TRUNCATE) read every
+-- state for each device of the batch: for 1000 devices, a second a batch, until the table was
+-- next analyzed. The trigger's one-row calls keep their plans (planning would double a row's
+-- cost, and a row is one device).
+CREATE FUNCTION keep_batch_latest(p_stream text, p_idents json, p_times json, p_hashes bytea,
+                                  p_partition_times json)
 RETURNS integer
-LANGUAGE sql SET search_path FROM CURRENT
-RETURN keep_latest(
-    p_stream,
-    to_json(p_idents),
-    (SELECT json_agg(usecs_of_time(t.ts) ORDER BY t.n)
-     FROM unnest(p_ts) WITH ORDINALITY AS t(ts, n)),
-    (SELECT string_agg(h.message_hash, ''::bytea ORDER BY h.n)
-     FROM unnest(p_hashes) WITH ORDINALITY AS h(message_hash, n)),
-    (SELECT json_agg(usecs_of_time(p.ts) ORDER BY p.n)
-     FROM unnest(p_partition_ts) WITH ORDINALITY AS p(ts, n)));
+LANGUAGE sql SET plan_cache_mode = force_custom_plan SET search_path FROM CURRENT
+RETURN keep_latest(p_stream, p_idents, p_times, p_hashes, p_partition_times);

@@ -15,8 +15,8 @@
 -- 25.5 -> 19.1 ms (the benchmark's messages stored as the receiver stores them), 12.9 -> 9.8 ms
 -- (the statement alone, no messages to read).
 -- keep_merged() is otherwise as 0012_merge_new_devices.sql made it; keep_merged() on arrays
--- (the batches PostgreSQL folds itself, and receivers of the previous version while they are
--- being upgraded) hands them over as such.
+-- stays as 0012 made it, for the trigger's one-row calls, the batches PostgreSQL folds itself,
+-- and receivers of the previous version while they are being upgraded.
 
 -- the batch's fold of each device, a row each, from keep_merged()'s arguments: the n-th element
 -- of each JSON array, the n-th 16 bytes of the identities and 32 of the digests
@@ -46,16 +46,12 @@ BEGIN ATOMIC
                               latitude_order, longitude, longitude_order, n);
 END;
 
--- Its statements are planned at each call (plan_cache_mode), about 0.3 ms: PostgreSQL keeps a
--- function's plan once it has run a few times, and a plan made while device_latest was empty
--- (a new database, a TRUNCATE) reads every state for each device of the batch, which for 1000
--- devices took a second a batch, until the table was next analyzed.
 CREATE FUNCTION keep_merged(p_stream text, p_idents json, p_times json, p_hashes bytea,
                             p_partition_times json, p_oldest json, p_payloads json,
                             p_orders json, p_keys bytea, p_latitudes json,
                             p_latitude_orders json, p_longitudes json,
                             p_longitude_orders json) RETURNS integer
-LANGUAGE plpgsql SET search_path FROM CURRENT SET plan_cache_mode = force_custom_plan AS $$
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     changed integer := 0;
     n integer;
@@ -226,30 +222,18 @@ BEGIN
 END
 $$;
 
--- the array-signature function, kept for the batches PostgreSQL folds (device_fold.py) and the
--- previous version's receivers: the same call with its arrays as JSON and bytea
-CREATE OR REPLACE FUNCTION keep_merged(p_stream text, p_idents text[], p_ts timestamptz[],
-                                       p_hashes bytea[], p_partition_ts timestamptz[],
-                                       p_oldest text[], p_payloads jsonb[], p_orders jsonb[],
-                                       p_keys bytea[], p_latitudes float8[],
-                                       p_latitude_orders text[], p_longitudes float8[],
-                                       p_longitude_orders text[]) RETURNS integer
-LANGUAGE sql SET search_path FROM CURRENT
-RETURN keep_merged(
-    p_stream,
-    to_json(p_idents),
-    (SELECT json_agg(usecs_of_time(t.ts) ORDER BY t.n)
-     FROM unnest(p_ts) WITH ORDINALITY AS t(ts, n)),
-    (SELECT string_agg(h.message_hash, ''::bytea ORDER BY h.n)
-     FROM unnest(p_hashes) WITH ORDINALITY AS h(message_hash, n)),
-    (SELECT json_agg(usecs_of_time(p.ts) ORDER BY p.n)
-     FROM unnest(p_partition_ts) WITH ORDINALITY AS p(ts, n)),
-    to_json(p_oldest),
-    to_json(p_payloads),
-    to_json(p_orders),
-    (SELECT string_agg(k.digest, ''::bytea ORDER BY k.n)
-     FROM unnest(p_keys) WITH ORDINALITY AS k(digest, n)),
-    to_json(p_latitudes),
-    to_json(p_latitude_orders),
-    to_json(p_longitudes),
-    to_json(p_longitude_orders));
+-- The receiver's call for a batch: keep_merged() with its statements planned at each call
+-- (plan_cache_mode), about 0.3 ms. PostgreSQL keeps a function's plan once it has run a few
+-- times, and a plan made while device_latest was empty (a new database, a TRUNCATE) read every
+-- state for each device of the batch: for 1000 devices, a second a batch, until the table was
+-- next analyzed. The trigger's one-row calls keep their plans (planning would double a row's
+-- cost, and a row is one device).
+CREATE FUNCTION keep_batch_merged(p_stream text, p_idents json, p_times json, p_hashes bytea,
+                                  p_partition_times json, p_oldest json, p_payloads json,
+                                  p_orders json, p_keys bytea, p_latitudes json,
+                                  p_latitude_orders json, p_longitudes json,
+                                  p_longitude_orders json)
+RETURNS integer
+LANGUAGE sql SET plan_cache_mode = force_custom_plan SET search_path FROM CURRENT
+RETURN keep_merged(p_stream, p_idents, p_times, p_hashes, p_partition_times, p_oldest, p_payloads,
+    p_orders, p_keys, p_latitudes, p_latitude_orders, p_longitudes, p_longitude_orders);
