@@ -183,3 +183,29 @@ async def test_a_start_stopped_before_the_catch_up_leaves_it_to_the_next_start(
     assert tags == {"A": "off", "B": "off"}
     # caught up once: a later start finds nothing pending
     assert not await catch_up_pending(db)
+
+
+async def test_inserts_by_a_session_that_sets_nothing_keep_the_state_in_the_receivers_mode(
+    make_settings: SettingsFactory,
+    receiver: ClientFactory,
+    db: asyncpg.Connection,
+    database_url: str,
+) -> None:
+    """A psql session that sets nothing inserts into a database kept in merge mode: its row is
+    merged into the state (it made the state that row alone); switched back to latest mode, the
+    next row is the state."""
+    merge = "device_state_merge = true"
+    await apply_migrations(make_settings(database=merge), database_url)
+    client = await receiver(database=merge)
+    await send(client, message("A", 10, a=1, b=2))
+    insert = (
+        "INSERT INTO messages (stream, ident, ts, partition_ts, payload, message_hash) "
+        "VALUES ('main', 'A', to_timestamp($1), to_timestamp($1), $2, $3)"
+    )
+    await db.execute(insert, 20, '{"ident": "A", "c": 3}', b"\x01")
+    merged = orjson.loads((await state(db))["payload"])
+    assert (merged["a"], merged["b"], merged["c"]) == (1, 2, 3)
+
+    await apply_migrations(make_settings(), database_url)  # latest mode again
+    await db.execute(insert, 30, '{"ident": "A", "d": 4}', b"\x02")
+    assert orjson.loads((await state(db))["payload"]) == {"ident": "A", "d": 4}

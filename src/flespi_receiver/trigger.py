@@ -26,13 +26,22 @@ SELECT EXISTS (
       AND tgrelid = to_regclass(current_schema() || '.messages')
 )
 """
+# the trigger's mode, its argument ('' for one made before it had one); no row: no trigger
+TRIGGER_MODE = """
+SELECT CASE WHEN tgnargs > 0 THEN split_part(encode(tgargs, 'escape'), '\\000', 1) ELSE '' END
+FROM pg_trigger
+WHERE tgname = 'messages_keep_device_state'
+  AND tgrelid = to_regclass(current_schema() || '.messages')
+"""
+# MODE: the mode of other sessions' inserts unless they set flespi_receiver.device_state_merge
+# (schema/0016_trigger_follows_the_mode.sql)
 CREATE_TRIGGER = """
 CREATE OR REPLACE TRIGGER messages_keep_device_state
     AFTER INSERT ON messages
     FOR EACH ROW
     WHEN (current_setting('flespi_receiver.writer', true) IS DISTINCT FROM 'receiver'
           AND NEW.ident IS NOT NULL)
-    EXECUTE FUNCTION keep_device_state_of_row()
+    EXECUTE FUNCTION keep_device_state_of_row('MODE')
 """
 DROP_TRIGGER = "DROP TRIGGER IF EXISTS messages_keep_device_state ON messages"
 # made with the trigger, in its transaction, and cleared in the transaction of the catch-up
@@ -51,15 +60,28 @@ WHERE tgname = 'messages_keep_device_state'
 
 async def apply_trigger(
     conn: Connection, db: DatabaseSettings
-) -> Literal["created", "dropped"] | None:
-    """Create or drop the trigger to match the settings; what was done, if anything."""
-    needed = db.device_state
-    if await conn.fetchval(TRIGGER_EXISTS) == needed:
+) -> Literal["created", "dropped", "changed"] | None:
+    """Create, drop or change the trigger to match the settings (device_state, and
+    device_state_merge for its mode); what was done, if anything."""
+    mode = "merge" if db.device_state_merge else "latest"
+    current: str | None = await conn.fetchval(TRIGGER_MODE)
+    create = CREATE_TRIGGER.replace("MODE", mode)
+    action: Literal["created", "dropped", "changed"]
+    if not db.device_state:
+        if current is None:
+            return None
+        await conn.execute(DROP_TRIGGER)
+        action = "dropped"
+    elif current is None:
+        # one query of two statements: one transaction
+        await conn.execute(f"{create}; {MARK_CATCHING_UP}")
+        action = "created"
+    elif current != mode:
+        await conn.execute(create)
+        action = "changed"
+    else:
         return None
-    # one query of two statements: one transaction
-    await conn.execute(f"{CREATE_TRIGGER}; {MARK_CATCHING_UP}" if needed else DROP_TRIGGER)
-    action: Literal["created", "dropped"] = "created" if needed else "dropped"
-    log.info(f"trigger on messages {action}", device_state=db.device_state)
+    log.info(f"trigger on messages {action}", device_state=db.device_state, mode=mode)
     return action
 
 
