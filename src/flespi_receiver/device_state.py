@@ -34,14 +34,15 @@ __all__ = ["DeviceFold", "parameter_keys", "state_order"]
 # keep_batch_latest() and keep_batch_merged() (keep_latest() and keep_merged(), planned at each
 # call) read their columns as DeviceFold.latest_arguments and merged_arguments send them
 # (schema/0014_..., 0015_...): each one JSON array, but the identities and the parameters'
-# digests, one bytea each. asyncpg encodes an array parameter at
-# about a microsecond an element, and PostgreSQL making arrays of JSON arrays before the call
-# took 1.8 ms for the four columns of 1000 devices (reading them row by row: 0.8). {0}, {1}...
-# stand for the parameters' numbers (str.format).
+# digests, one bytea each. asyncpg encodes an array parameter at about a microsecond an
+# element, and PostgreSQL making arrays of JSON arrays before the call took 1.8 ms for the four
+# columns of 1000 devices (reading them row by row: 0.8).
 _JSON, _BYTEA = "::json", "::bytea"
 
 
 def _call(function: str, types: tuple[str, ...]) -> str:
+    """`function($1, ${0}::json, ...)`: {0}, {1}, ... (numbered by str.format) stand for the
+    parameters' numbers, each cast to its type."""
     made = (f"${{{number}}}{cast}" for number, cast in enumerate(types))
     return f"{function}($1, {', '.join(made)})"
 
