@@ -209,3 +209,53 @@ async def test_inserts_by_a_session_that_sets_nothing_keep_the_state_in_the_rece
     await apply_migrations(make_settings(), database_url)  # latest mode again
     await db.execute(insert, 30, '{"ident": "A", "d": 4}', b"\x02")
     assert orjson.loads((await state(db))["payload"]) == {"ident": "A", "d": 4}
+
+
+async def test_rows_inserted_by_hand_while_a_merge_catch_up_waits_leave_it_whole(
+    make_settings: SettingsFactory,
+    receiver: ClientFactory,
+    db: asyncpg.Connection,
+    database_url: str,
+) -> None:
+    """Merge mode: while a catch-up waits for the next start, a row inserted by hand moves its
+    device's state; the catch-up still takes every message stored since device_state went off
+    (it went back to the row inserted by hand, older than one stored while off)."""
+    merge = "device_state_merge = true"
+    await apply_migrations(make_settings(database=merge), database_url)
+    client = await receiver(database=merge)
+    await send(client, message("X", 100, a=1))
+    await client.close()
+    off = f"{merge}\ndevice_state = false"
+    await apply_migrations(make_settings(database=off), database_url)
+    client = await receiver(database=off)
+    await send(client, message("X", 300, c=3))
+    await client.close()
+    # a start stopped after making the trigger again, then a row inserted by hand
+    await apply_trigger(db, make_settings(database=merge).database)
+    await db.execute(
+        "INSERT INTO messages (stream, ident, ts, partition_ts, payload, message_hash) "
+        "VALUES ('main', 'X', to_timestamp(200), to_timestamp(200), '{\"ident\": \"X\", "
+        "\"b\": 2}', '\\x01')"
+    )
+
+    await apply_migrations(make_settings(database=merge), database_url)  # the next start
+    row = await state(db, "X")
+    merged = orjson.loads(row["payload"])
+    assert (row["ts"].timestamp(), merged["a"], merged["b"], merged["c"]) == (300, 1, 2, 3)
+
+
+async def test_a_session_whose_transaction_set_device_state_keeps_it_for_its_later_rows(
+    receiver: ClientFactory, db: asyncpg.Connection
+) -> None:
+    """A setting made with SET LOCAL reads '' once its transaction ends: unset, not off."""
+    client = await receiver()
+    await send(client, message("A", 10))
+    insert = (
+        "INSERT INTO messages (stream, ident, ts, partition_ts, payload, message_hash) "
+        "VALUES ('main', 'A', to_timestamp($1), to_timestamp($1), '{}', $2)"
+    )
+    async with db.transaction():
+        await db.execute("SET LOCAL flespi_receiver.device_state = 'on'")
+        await db.execute(insert, 20, b"\x01")
+    await db.execute(insert, 30, b"\x02")
+    assert (await state(db))["ts"].timestamp() == 30

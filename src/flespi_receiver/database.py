@@ -17,7 +17,13 @@ from flespi_receiver.errors import CommandFailed
 from flespi_receiver.identity_upgrade import apply_identities
 from flespi_receiver.migrate import migrate
 from flespi_receiver.partitions import ensure_partitioned, maintain
-from flespi_receiver.trigger import CLEAR_CATCHING_UP, apply_trigger, catch_up_pending
+from flespi_receiver.trigger import (
+    CLEAR_CATCHING_UP,
+    CLEAR_OFF_SINCE,
+    apply_trigger,
+    catch_up_pending,
+    off_since,
+)
 
 if TYPE_CHECKING:
     from flespi_receiver.embedded import EmbeddedPostgres
@@ -112,8 +118,10 @@ async def apply_migrations(settings: Settings, dsn: str) -> None:
         if settings.database.device_state and await catch_up_pending(conn):
             # the trigger was dropped: device_state was off, messages came without it
             async with conn.transaction():
-                caught_up = await catch_up_states(conn, settings.database.device_state_merge)
-                await conn.execute(CLEAR_CATCHING_UP)
+                caught_up = await catch_up_states(
+                    conn, settings.database.device_state_merge, await off_since(conn)
+                )
+                await conn.execute(f"{CLEAR_CATCHING_UP}; {CLEAR_OFF_SINCE}")
             log.info("device states caught up with the messages stored", states=caught_up)
         if turned := await apply_state_mode(conn, settings.database):
             log.info("device states kept in merge mode turned to latest mode", states=turned)

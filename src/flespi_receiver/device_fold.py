@@ -95,12 +95,14 @@ LEFT JOIN latitudes AS a USING (ident)
 LEFT JOIN longitudes AS g USING (ident)
 """
 MERGED_OF_TRANSACTION = _MERGED_FOLD.replace("ROWS", "xact_id = pg_current_xact_id()")
-# after device_state was off: each device's messages stored since its state last changed
-# (received_at is the storing transaction's start, updated_at the one that changed the state),
-# all of them for a device without one; merged into its state, they make it what it would be
+# after device_state was off ($2: since when, NULL if unknown): each device's messages stored
+# since then or since its state last changed, whichever is earlier (received_at is the storing
+# transaction's start, updated_at the one that last changed the state, maybe a row inserted by
+# hand after the trigger came back), all of them for a device without one; merged into its
+# state, they make it what it would be (a message merged twice changes nothing)
 MERGED_OF_MESSAGES = _MERGED_FOLD.replace(
     "ROWS",
-    "received_at >= coalesce((SELECT d.updated_at FROM device_latest AS d "
+    "received_at >= coalesce((SELECT least($2::timestamptz, d.updated_at) FROM device_latest AS d "
     "WHERE d.stream = $1 AND d.ident = messages.ident), '-infinity')",
 )
 

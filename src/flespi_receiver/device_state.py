@@ -10,6 +10,7 @@ batch's summary. A batch of very many devices is folded by PostgreSQL in that st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -149,17 +150,19 @@ WHERE is_later(excluded.ts, excluded.message_hash, s.ts, s.message_hash)
 CATCH_UP_MERGED = f"SELECT {KEEP_MERGED_FOLDED} FROM ({MERGED_OF_MESSAGES}) AS f"  # noqa: S608
 
 
-async def catch_up_states(conn: asyncpg.Connection | PoolConnectionProxy, merge: bool) -> int:
-    """After device_state was off: every device's state from the messages stored
-    (LATEST_OF_MESSAGES); how many states were made or moved. Reads all of messages once.
-    In merge mode (`merge`), each stream's messages stored since each state last changed are
-    folded and merged into it (device_fold.MERGED_OF_MESSAGES, keep_merged()): the state keeps
-    the values it held and takes every later one; one more read of messages per stream."""
+async def catch_up_states(
+    conn: asyncpg.Connection | PoolConnectionProxy, merge: bool, off_since: datetime | None
+) -> int:
+    """After device_state was off (since `off_since`, None if unknown): every device's state
+    from the messages stored (LATEST_OF_MESSAGES); how many states were made or moved. Reads
+    all of messages once. In merge mode (`merge`), each stream's messages stored since then are
+    folded and merged into each state (device_fold.MERGED_OF_MESSAGES, keep_merged()): the
+    state keeps the values it held and takes every later one; one more read per stream."""
     if not merge:
         return row_count(await conn.execute(LATEST_OF_MESSAGES))
     changed = 0
     for row in await conn.fetch("SELECT DISTINCT stream FROM messages"):
-        changed += await conn.fetchval(CATCH_UP_MERGED, row["stream"])
+        changed += await conn.fetchval(CATCH_UP_MERGED, row["stream"], off_since)
     return changed
 
 

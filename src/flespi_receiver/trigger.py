@@ -10,6 +10,7 @@ receivers writing to one database should share that setting.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 import structlog
@@ -51,6 +52,18 @@ DROP_TRIGGER = "DROP TRIGGER IF EXISTS messages_keep_device_state ON messages"
 CATCHING_UP = "catching up with the messages stored while device_state was off"
 MARK_CATCHING_UP = f"COMMENT ON TRIGGER messages_keep_device_state ON messages IS '{CATCHING_UP}'"
 CLEAR_CATCHING_UP = "COMMENT ON TRIGGER messages_keep_device_state ON messages IS NULL"
+# made with the drop, in its transaction: since when device_state is off (the database's clock),
+# where the catch-up starts from in merge mode; cleared with the catch-up
+MARK_OFF_SINCE = """
+DO $$ BEGIN
+    EXECUTE format('COMMENT ON TABLE device_latest IS %L', 'device_state off since ' || now());
+END $$
+"""
+OFF_SINCE = """
+SELECT substring(obj_description(to_regclass(current_schema() || '.device_latest'), 'pg_class')
+                 FROM '^device_state off since (.+)$')::timestamptz
+"""
+CLEAR_OFF_SINCE = "COMMENT ON TABLE device_latest IS NULL"
 CATCH_UP_PENDING = """
 SELECT coalesce(obj_description(oid, 'pg_trigger') = $1, false) FROM pg_trigger
 WHERE tgname = 'messages_keep_device_state'
@@ -70,7 +83,8 @@ async def apply_trigger(
     if not db.device_state:
         if current is None:
             return None
-        await conn.execute(DROP_TRIGGER)
+        # one query of two statements: one transaction
+        await conn.execute(f"{DROP_TRIGGER}; {MARK_OFF_SINCE}")
         action = "dropped"
     elif current is None:
         # one query of two statements: one transaction
@@ -88,3 +102,10 @@ async def apply_trigger(
 async def catch_up_pending(conn: Connection) -> bool:
     """Whether the trigger was made again and the catch-up that follows has not committed."""
     return bool(await conn.fetchval(CATCH_UP_PENDING, CATCHING_UP))
+
+
+async def off_since(conn: Connection) -> datetime | None:
+    """Since when device_state is off, as the drop recorded it; None if unknown (dropped by a
+    previous version, or never)."""
+    since: datetime | None = await conn.fetchval(OFF_SINCE)
+    return since
