@@ -53,10 +53,13 @@ CATCHING_UP = "catching up with the messages stored while device_state was off"
 MARK_CATCHING_UP = f"COMMENT ON TRIGGER messages_keep_device_state ON messages IS '{CATCHING_UP}'"
 CLEAR_CATCHING_UP = "COMMENT ON TRIGGER messages_keep_device_state ON messages IS NULL"
 # made with the drop, in its transaction: since when device_state is off (the database's clock),
-# where the catch-up starts from in merge mode; cleared with the catch-up
+# where the catch-up starts from in merge mode; cleared with the catch-up, kept if one is there
+# already (switched off again before a catch-up completed: the earlier time counts)
 MARK_OFF_SINCE = """
 DO $$ BEGIN
-    EXECUTE format('COMMENT ON TABLE device_latest IS %L', 'device_state off since ' || now());
+    IF obj_description('device_latest'::regclass, 'pg_class') IS NULL THEN
+        EXECUTE format('COMMENT ON TABLE device_latest IS %L', 'device_state off since ' || now());
+    END IF;
 END $$
 """
 OFF_SINCE = """
