@@ -7,8 +7,9 @@
 -- device whose state is kept in merge mode, whose batch brings no parameter older than its
 -- latest message (orders '{}') and the same parameters as its state (parameter_keys), all
 -- later than the state. The general UPDATE gave it the same values, after reckoning each row's
--- orders and the other rows' conditions. For 1000 devices a batch, every one moving, PostgreSQL 15, the whole
--- statement, the previous function and this one alternating batch by batch on one database:
+-- orders and the other rows' conditions. For 1000 devices a batch, every one moving,
+-- PostgreSQL 15, the whole statement, the previous function and this one alternating batch by
+-- batch on one database:
 -- 25.5 -> 19.1 ms (the benchmark's messages stored as the receiver stores them), 12.9 -> 9.8 ms
 -- (the statement alone, no messages to read).
 -- keep_merged() is otherwise as 0012_merge_new_devices.sql made it; keep_merged() on arrays
