@@ -1,17 +1,9 @@
 -- Merge mode, as latest mode in 0014_latest_reads_its_arguments.sql, reads its arguments as the
 -- receiver sends them (each column one JSON array, the identities and the parameters' digests
 -- side by side in one bytea each): the receiver's call made an array of each of the twelve
--- first. And a state that only moves to the batch's latest message is moved first, in one
--- UPDATE as plain as latest mode's; when every device of the batch is such (a fleet whose
--- messages carry the same parameters each time: the usual case) nothing else runs. That is a
--- device whose state is kept in merge mode, whose batch brings no parameter older than its
--- latest message (orders '{}') and the same parameters as its state (parameter_keys), all
--- later than the state. The general UPDATE gave it the same values, after reckoning each row's
--- orders and the other rows' conditions. For 1000 devices a batch, every one moving,
--- PostgreSQL 15, the whole statement, the previous function and this one alternating batch by
--- batch on one database:
--- 25.5 -> 19.1 ms (the benchmark's messages stored as the receiver stores them), 12.9 -> 9.8 ms
--- (the statement alone, no messages to read).
+-- first. (A first UPDATE that moved the states only moving to their latest message took the
+-- statement for 1000 devices from 12.9 to 9.8 ms; it is not kept: two receivers storing one
+-- device at once could end with a payload other than the merge of its messages.)
 -- keep_merged() is otherwise as 0012_merge_new_devices.sql made it; keep_merged() on arrays
 -- stays as 0012 made it, for the trigger's one-row calls, the batches PostgreSQL folds itself,
 -- and receivers of the previous version while they are being upgraded.
@@ -54,30 +46,6 @@ DECLARE
     changed integer := 0;
     n integer;
 BEGIN
-    -- a state that only moves to the batch's latest message (see above): the same values as the
-    -- general UPDATE below gives it
-    UPDATE device_latest AS s
-    SET ts = i.ts, message_hash = i.message_hash,
-        partition_ts = coalesce(i.given_partition_ts, i.ts), message_id = NULL,
-        received_at = NULL, payload = NULL, parameter_orders = i.orders,
-        parameter_keys = i.keys,
-        latitude = CASE WHEN i.latitude_order > coalesce(s.latitude_order, '')
-                        THEN i.latitude ELSE s.latitude END,
-        latitude_order = greatest(i.latitude_order, s.latitude_order),
-        longitude = CASE WHEN i.longitude_order > coalesce(s.longitude_order, '')
-                         THEN i.longitude ELSE s.longitude END,
-        longitude_order = greatest(i.longitude_order, s.longitude_order),
-        updated_at = now()
-    FROM batch_merged(p_idents, p_times, p_hashes, p_partition_times, p_oldest, p_payloads,
-                      p_orders, p_keys, p_latitudes, p_latitude_orders, p_longitudes,
-                      p_longitude_orders) AS i
-    WHERE s.stream = p_stream AND s.ident = i.ident AND s.parameter_orders IS NOT NULL
-      AND i.orders = '{}' AND i.keys = s.parameter_keys
-      AND i.oldest > state_order(s.ts, s.message_hash);
-    GET DIAGNOSTICS changed = ROW_COUNT;
-    IF changed = json_array_length(p_idents) THEN
-        RETURN changed;
-    END IF;
     -- the first pass merges into the states that are kept in merge mode (all of them, usually);
     -- the second one, if needed, after making the missing ones
     FOR pass IN 1..2 LOOP
