@@ -34,7 +34,7 @@ from flespi_receiver import bench
 from flespi_receiver.bench_spelling import cpu_seconds
 from flespi_receiver.embedded import free_port
 from flespi_receiver.emulator import StreamEmulator, batches_of, encode_messages, sample_messages
-from flespi_receiver.migrate import with_database
+from flespi_receiver.migrate import create_empty_database
 
 COPY = "COPY"
 
@@ -52,7 +52,9 @@ async def run(args: argparse.Namespace) -> None:
                 folder = Path(work) / str(number)
                 folder.mkdir()
                 port = free_port()
-                own = await empty_database(args.database_url, f"flespi_bench_paired_{number + 1}")
+                own = await create_empty_database(
+                    args.database_url, f"flespi_bench_paired_{number + 1}"
+                )
                 config = bench.receiver_config(
                     folder,
                     own,
@@ -77,17 +79,6 @@ async def run(args: argparse.Namespace) -> None:
         for database in databases:
             await database.close()
         await conn.close()
-
-
-async def empty_database(admin_url: str, name: str) -> str:
-    """`name` dropped and created empty (a name of this script's own); its URL."""
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    return with_database(admin_url, name)
 
 
 async def take_turns(

@@ -81,16 +81,21 @@ def with_database(url: str, database: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
 
 
-async def create_migrated_database(admin_url: str, database: str, schema: str) -> str:
-    """Drop and create `database` (a name of our own, not user input), migrate it, return
-    its URL: the fresh databases of the benchmark and the tests' template."""
+async def create_empty_database(admin_url: str, database: str) -> str:
+    """Drop and create `database` (a name of our own, not user input), empty; its URL."""
     admin = await asyncpg.connect(admin_url)
     try:
         await admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         await admin.execute(f"CREATE DATABASE {database}")
     finally:
         await admin.close()
-    url = with_database(admin_url, database)
+    return with_database(admin_url, database)
+
+
+async def create_migrated_database(admin_url: str, database: str, schema: str) -> str:
+    """create_empty_database, migrated; its URL: the fresh databases of the benchmark and the
+    tests' template."""
+    url = await create_empty_database(admin_url, database)
     conn = await asyncpg.connect(url)
     try:
         await migrate(conn, schema)
