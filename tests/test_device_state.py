@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -111,6 +112,33 @@ async def deliver(clients: list[Client], batches: list[list[dict[str, Any]]]) ->
     )
 
 
+async def deliver_twice(
+    receiver: ClientFactory,
+    db: asyncpg.Connection,
+    data: st.DataObject,
+    items: list[dict[str, Any]],
+    merge: bool,
+    receivers: int,
+    again: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+) -> None:
+    """`items` in a drawn order and drawn batches, dealt to `receivers` receivers, then
+    `again(sent)` as one batch; the state must be the function of the messages."""
+    await db.execute("TRUNCATE messages, device_latest")
+    sent = data.draw(st.permutations(items))
+    cuts = sorted(
+        data.draw(st.sets(st.integers(1, len(sent) - 1), max_size=4)) if len(sent) > 1 else []
+    )
+    batches = [sent[a:b] for a, b in zip([0, *cuts], [*cuts, len(sent)], strict=True)]
+    clients = [await receiver(database=MERGE if merge else "") for _ in range(receivers)]
+    try:
+        await deliver(clients, batches)
+        await deliver(clients, [again(sent)])
+    finally:
+        for client in clients:
+            await client.close()
+    assert await stored_state(db) == expected_state(items, merge)
+
+
 @pytest.mark.parametrize("merge", [False, True], ids=["latest", "merge"])
 @pytest.mark.parametrize("receivers", [1, 2])
 @settings(
@@ -127,21 +155,8 @@ async def test_state_does_not_depend_on_batches_order_or_receivers(
     items: list[dict[str, Any]],
     data: st.DataObject,
 ) -> None:
-    await db.execute("TRUNCATE messages, device_latest")
-    sent = data.draw(st.permutations(items))
-    cuts = sorted(
-        data.draw(st.sets(st.integers(1, len(sent) - 1), max_size=4)) if len(sent) > 1 else []
-    )
-    batches = [sent[a:b] for a, b in zip([0, *cuts], [*cuts, len(sent)], strict=True)]
-    clients = [await receiver(database=MERGE if merge else "") for _ in range(receivers)]
-    try:
-        await deliver(clients, batches)
-        # and again, split otherwise: what was stored before changes nothing
-        await deliver(clients, [sent[::-1]])
-    finally:
-        for client in clients:
-            await client.close()
-    assert await stored_state(db) == expected_state(items, merge)
+    # and again, split otherwise: what was stored before changes nothing
+    await deliver_twice(receiver, db, data, items, merge, receivers, again=lambda s: s[::-1])
 
 
 # every message with the same parameters (a fleet whose trackers send the same set each time):
@@ -183,21 +198,8 @@ async def test_merged_state_of_messages_with_the_same_parameters_does_not_depend
     items: list[dict[str, Any]],
     data: st.DataObject,
 ) -> None:
-    await db.execute("TRUNCATE messages, device_latest")
-    sent = data.draw(st.permutations(items))
-    cuts = sorted(
-        data.draw(st.sets(st.integers(1, len(sent) - 1), max_size=4)) if len(sent) > 1 else []
-    )
-    batches = [sent[a:b] for a, b in zip([0, *cuts], [*cuts, len(sent)], strict=True)]
-    clients = [await receiver(database=MERGE) for _ in range(receivers)]
-    try:
-        await deliver(clients, batches)
-        # again, whole and in the order sent: every state is at its latest message already
-        await deliver(clients, [sent])
-    finally:
-        for client in clients:
-            await client.close()
-    assert await stored_state(db) == expected_state(items, merge=True)
+    # again, whole and in the order sent: every state is at its latest message already
+    await deliver_twice(receiver, db, data, items, True, receivers, again=lambda s: s)
 
 
 async def test_merge_does_not_go_backwards_when_a_batch_mixes_old_and_new(
